@@ -135,7 +135,11 @@ def attach_vce(model: LlavaForConditionalGeneration, config: VCEConfig | None = 
         raise BaseModelError(f"VCE feature layers {config.feature_layers} exceed the tower's {n_hidden} hidden states")
     old = model.model.multi_modal_projector
     param = next(old.parameters())
-    projector = VCEProjector(config, vision.hidden_size, old).to(device=param.device, dtype=param.dtype)
+    # A fixed seed makes a fresh VCE (and so the base's fingerprint) the same on every load.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        projector = VCEProjector(config, vision.hidden_size, old)
+    projector = projector.to(device=param.device, dtype=param.dtype)
     model.model.multi_modal_projector = projector
     model.config.vision_feature_layer = list(config.feature_layers)
     return projector

@@ -32,7 +32,7 @@ REFERENCE_SIZE = 96
 SUPERSAMPLE = 4
 """Supersampling factor used to anti-alias part outlines."""
 
-SMALL_HOLE_PX = 2.0
+SMALL_HOLE_PX = 1.5
 """Radius (reference px) of the bolt holes of plates and brackets."""
 
 SHADOW_OFFSET_PX = 2.0

@@ -116,7 +116,7 @@ def render(scene: Scene, size: int = REFERENCE_SIZE) -> Image.Image:
         part_alpha(part, size, defect if defect is not None and defect.part_index == index else None)
         for index, part in enumerate(scene.parts)
     ]
-    coverage = np.clip(np.sum(alphas, axis=0), 0.0, 1.0)
+    coverage = np.clip(np.sum(alphas, axis=0), 0.0, 1.0) if alphas else np.zeros((size, size), np.float32)
     offset = shadow_offset(size)
     shadow = shift(coverage, offset, offset)
     image = image * (1.0 - SHADOW_STRENGTH * shadow)[:, :, None]

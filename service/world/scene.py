@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 from service.world.geometry import (
     GRID_CELLS,
     REFERENCE_SIZE,
-    Circle,
+    SHADOW_OFFSET_PX,
     cell_centre,
     cell_of,
     cell_pixel_bounds,
@@ -72,7 +72,7 @@ TINY_HOLE_PX = 3.0
 
 SCENE_KINDS: tuple[str, ...] = ("general", "inspection")
 
-_MAX_PLACEMENT_TRIES = 40
+_TRIES_PER_CELL = 12
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,9 @@ def _sample_general_parts(rng: random.Random, part_type: str, colour: str, n_hol
     half_cell = 1 / 6
     parts = []
     for cell in cells:
-        radius = half_cell * rng.uniform(0.78, 0.9) / extent
-        slack = max(0.0, half_cell - radius * extent - 1 / REFERENCE_SIZE)
+        radius = half_cell * rng.uniform(0.72, 0.82) / extent
+        # Keep the part and its drop shadow (plus a pixel) inside the cell.
+        slack = max(0.0, half_cell - radius * extent - (SHADOW_OFFSET_PX + 1) / REFERENCE_SIZE)
         centre_x, centre_y = cell_centre(cell)
         parts.append(Part(
             part_type=part_type,
@@ -288,12 +289,29 @@ def _candidates_by_cell(mask: np.ndarray) -> dict[str, np.ndarray]:
     return groups
 
 
-def _pick_pixel(rng: random.Random, groups: dict[str, np.ndarray]) -> tuple[int, int]:
-    """A random pixel: first a uniformly chosen cell, then a pixel in it."""
-    cell = rng.choice(list(groups))
-    pixels = groups[cell]
-    px, py = pixels[rng.randrange(len(pixels))]
-    return int(px), int(py)
+def _place_by_cell(
+    rng: random.Random,
+    groups: dict[str, np.ndarray],
+    build: Callable[[int, int], Defect | None],
+) -> Defect | None:
+    """Try to place a defect, choosing its grid cell uniformly among feasible cells.
+
+    A cell is drawn uniformly from ``groups``; up to ``_TRIES_PER_CELL`` random
+    candidate pixels in it are passed to ``build`` (which returns a valid defect
+    or ``None``).  A cell where nothing fits is dropped and another one drawn, so
+    hard-to-fit cells are not under-represented.
+    """
+    cells = list(groups)
+    while cells:
+        cell = rng.choice(cells)
+        pixels = groups[cell]
+        for _ in range(_TRIES_PER_CELL):
+            px, py = pixels[rng.randrange(len(pixels))]
+            defect = build(int(px), int(py))
+            if defect is not None:
+                return defect
+        cells.remove(cell)
+    return None
 
 
 def mask_defect_footprint(part: Part, defect: Defect, size: int = REFERENCE_SIZE) -> np.ndarray:
@@ -315,24 +333,24 @@ def mask_defect_footprint(part: Part, defect: Defect, size: int = REFERENCE_SIZE
 def _place_surface(rng: random.Random, defect_type: str, part: Part, part_index: int) -> Defect | None:
     opaque = (part_alpha(part, REFERENCE_SIZE) >= 1.0).astype(np.uint8)
     allowed = erode(opaque, 1).astype(bool)
-    groups = _candidates_by_cell(erode(opaque, 2))
-    if not groups:
-        return None
-    for _ in range(_MAX_PLACEMENT_TRIES):
-        px, py = _pick_pixel(rng, groups)
+
+    def build(px: int, py: int) -> Defect | None:
         x, y = _pixel_centre(px, py)
+        location = cell_of(x, y)
         if defect_type == "scratch":
-            defect = Defect("scratch", part_index, cell_of(x, y), x, y, length=float(rng.randint(4, 10)),
+            defect = Defect("scratch", part_index, location, x, y, length=float(rng.randint(4, 10)),
                             width=rng.choice((1, 1, 2)), angle=round(rng.uniform(0, 180), 1))
         elif defect_type == "crack":
-            defect = Defect("crack", part_index, cell_of(x, y), x, y, length=float(rng.randint(6, 11)),
+            defect = Defect("crack", part_index, location, x, y, length=float(rng.randint(6, 11)),
                             angle=round(rng.uniform(0, 180), 1), seed=rng.getrandbits(31))
         else:
-            defect = Defect("spot", part_index, cell_of(x, y), x, y, length=float(rng.choice((2, 3))))
+            defect = Defect("spot", part_index, location, x, y, length=float(rng.choice((2, 3))))
         layer = surface_defect_layer(defect, REFERENCE_SIZE) > 0
-        if layer.any() and not (layer & ~allowed).any() and _inside_cell(layer, defect.location):
+        if layer.any() and not (layer & ~allowed).any() and _inside_cell(layer, location):
             return defect
-    return None
+        return None
+
+    return _place_by_cell(rng, _candidates_by_cell(erode(opaque, 2)), build)
 
 
 def _place_missing_hole(rng: random.Random, part: Part, part_index: int) -> Defect | None:
@@ -348,22 +366,19 @@ def _place_missing_hole(rng: random.Random, part: Part, part_index: int) -> Defe
 def _place_chip(rng: random.Random, part: Part, part_index: int) -> Defect | None:
     outer = part_alpha(part, REFERENCE_SIZE, holes=False) >= 1.0
     boundary = outer & ~erode(outer.astype(np.uint8), 1).astype(bool)
-    groups = _candidates_by_cell(boundary)
-    if not groups:
-        return None
-    radius_px = part.radius * REFERENCE_SIZE
+    max_radius = min(6.0, max(3.0, 0.42 * part.radius * REFERENCE_SIZE))
     holes = part_holes(part)
-    for _ in range(_MAX_PLACEMENT_TRIES):
-        px, py = _pick_pixel(rng, groups)
+
+    def build(px: int, py: int) -> Defect | None:
         x, y = _pixel_centre(px, py)
-        length = round(rng.uniform(3.0, min(6.0, max(3.0, 0.42 * radius_px))), 2)
-        chip = Circle(x, y, length / REFERENCE_SIZE)
-        if any(math.hypot(chip.x - h.x, chip.y - h.y) < chip.r + h.r + 1.5 / REFERENCE_SIZE for h in holes):
-            continue
+        length = round(rng.uniform(3.0, max_radius), 2)
+        reach = (length + 1.5) / REFERENCE_SIZE
+        if any(math.hypot(x - hole.x, y - hole.y) < reach + hole.r for hole in holes):
+            return None  # a chip must not break into a hole
         defect = Defect("chip", part_index, cell_of(x, y), x, y, length=length)
-        if _inside_cell(mask_defect_footprint(part, defect), defect.location):
-            return defect
-    return None
+        return defect if _inside_cell(mask_defect_footprint(part, defect), defect.location) else None
+
+    return _place_by_cell(rng, _candidates_by_cell(boundary), build)
 
 
 def _sample_defect(rng: random.Random, parts: Sequence[Part], defect_types: Sequence[str]) -> Defect | None:

@@ -1,0 +1,123 @@
+"""Batched generation: rows with different adapters and settings equal each row run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from service.model.generate import (
+    GenerationRequest,
+    ImageFeatureCache,
+    PromptTooLongError,
+    embed_prompts,
+    encode_prompt,
+    generate,
+)
+from service.model.lora import AdapterConfig, adapter_batch
+
+
+def load_random_adapters(base):
+    """Slots 1, 2: Dual-LoRA; slot 3: LoRA — with large enough B to change the answers."""
+    for slot, (peft_type, seed) in {1: ("DUAL_LORA", 1), 2: ("DUAL_LORA", 2), 3: ("LORA", 3)}.items():
+        config = AdapterConfig(peft_type=peft_type, r=8 if slot != 2 else 4, lora_alpha=16)
+        adapter = base.slots.new_adapter(config, seed=seed)
+        with torch.no_grad():
+            for name, p in adapter.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5, generator=torch.Generator().manual_seed(seed))
+        base.slots.load(slot, adapter)
+
+
+def images():
+    return [
+        Image.new("RGB", (40, 40), (200, 10, 10)),
+        Image.new("RGB", (64, 32), (10, 200, 10)),
+        Image.radial_gradient("L").convert("RGB"),
+    ]
+
+
+def test_mixed_batch_logits_equal_each_row_alone(tiny_base):
+    load_random_adapters(tiny_base)
+    ims = images()
+    rows = [encode_prompt(tiny_base, "What colour is it?", 1) for _ in range(4)]
+    feats = [[f] for f in tiny_base.encode_images(tiny_base.preprocess_images(ims[:1] * 4))]
+    embeds, mask = embed_prompts(tiny_base, rows, feats)
+    slots = [0, 1, 2, 3]
+    with torch.no_grad(), adapter_batch(slots):
+        mixed = tiny_base.model(inputs_embeds=embeds, attention_mask=mask).logits
+    outputs = []
+    for i, slot in enumerate(slots):
+        with torch.no_grad(), adapter_batch([slot]):
+            alone = tiny_base.model(inputs_embeds=embeds[i : i + 1], attention_mask=mask[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        outputs.append(alone)
+    # Every adapter changes the output, and differently.
+    for i in range(1, 4):
+        assert not torch.allclose(outputs[0], outputs[i], atol=1e-3)
+    assert not torch.allclose(outputs[1], outputs[2], atol=1e-3)
+
+
+def test_batched_generation_equals_each_request_alone(tiny_base):
+    load_random_adapters(tiny_base)
+    ims = images()
+    requests = [
+        GenerationRequest("What colour is the part?", [ims[0]], slot=0, max_new_tokens=6),
+        GenerationRequest("Where is it?", [ims[1], ims[2]], slot=1, max_new_tokens=4),
+        GenerationRequest("Describe", [], slot=2, max_new_tokens=8),
+        GenerationRequest("How many parts are there in this picture?", [ims[2]], slot=3, max_new_tokens=5),
+        GenerationRequest("What colour is the part?", [ims[0]], slot=1, max_new_tokens=3, temperature=0.8, seed=7),
+    ]
+    batched = generate(tiny_base, requests)
+    for req, got in zip(requests, batched, strict=True):
+        alone = generate(tiny_base, [req])[0]
+        assert got.token_ids == alone.token_ids
+        assert got.prompt_tokens == len(encode_prompt(tiny_base, req.instruction, len(req.images)))
+        assert len(got.token_ids) <= req.max_new_tokens
+    assert batched[0].token_ids != generate(tiny_base, [GenerationRequest(**{**requests[0].__dict__, "slot": 1})])[0].token_ids
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_base):
+    im = images()[0]
+    req = GenerationRequest("What colour?", [im], max_new_tokens=12, temperature=1.5, seed=3)
+    a, b = generate(tiny_base, [req])[0], generate(tiny_base, [req])[0]
+    c = generate(tiny_base, [GenerationRequest("What colour?", [im], max_new_tokens=12, temperature=1.5, seed=4)])[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_generation_stops_at_eos(tiny_base):
+    eos = tiny_base.tokenizer.eos_token_id
+    head = tiny_base.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos] = 1e4
+    tiny_base.model.lm_head = biased
+    out = generate(tiny_base, [GenerationRequest("hi", [], max_new_tokens=10)])[0]
+    assert out.finish_reason == "stop" and out.token_ids == [] and out.completion_tokens == 1
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_base):
+    with pytest.raises(PromptTooLongError):
+        generate(tiny_base, [GenerationRequest("word " * 300, [], max_new_tokens=4)])
+    with pytest.raises(PromptTooLongError):
+        generate(tiny_base, [GenerationRequest("hi", [], max_new_tokens=tiny_base.max_context)])
+
+
+def test_image_token_in_the_instruction_is_refused(tiny_base):
+    with pytest.raises(ValueError, match="image token"):
+        generate(tiny_base, [GenerationRequest("look <image>", [images()[0]], max_new_tokens=2)])
+
+
+def test_image_features_are_computed_once_per_distinct_image(tiny_base):
+    cache = ImageFeatureCache(capacity=8)
+    im = images()[0]
+    same_pixels = Image.new("RGB", (40, 40), (200, 10, 10))
+    reqs = [GenerationRequest("a", [im], max_new_tokens=2), GenerationRequest("b", [same_pixels], max_new_tokens=2)]
+    first = generate(tiny_base, reqs, cache=cache)
+    assert cache.misses == 1 and cache.hits == 0
+    second = generate(tiny_base, reqs, cache=cache)
+    assert cache.hits == 1
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
