@@ -48,7 +48,8 @@ def defect_colour(defect_type: str, part_rgb: tuple[int, int, int]) -> tuple[flo
     if defect_type == "scratch":
         return (38.0, 36.0, 34.0) if light else (242.0, 242.0, 236.0)
     if defect_type == "crack":
-        return tuple(0.22 * c for c in part_rgb)  # type: ignore[return-value]
+        r, g, b = part_rgb
+        return (0.22 * r, 0.22 * g, 0.22 * b)
     if defect_type == "spot":
         return (52.0, 40.0, 28.0) if luminance(part_rgb) >= 110 else (232.0, 222.0, 190.0)
     raise ValueError(f"{defect_type!r} is not a surface defect")

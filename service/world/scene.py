@@ -204,6 +204,7 @@ class Scene:
     def to_dict(self) -> dict[str, Any]:
         """Full description as plain JSON-friendly data (inverse of :meth:`from_dict`)."""
         data = asdict(self)
+        data["background"]["tint"] = list(self.background.tint)
         data["parts"] = list(data["parts"])
         return data
 

@@ -11,7 +11,7 @@ import pytest
 from service.world.geometry import cell_pixel_bounds, part_alpha
 from service.world.render import render
 from service.world.scene import COLOURS, DEFECT_TYPES, sample_scene
-from tests.world.conftest import pixel_diff, scenes_with
+from tests.world.helpers import pixel_diff, scenes_with
 
 VISIBLE = 40
 """Minimum channel difference (0-255) at a defect's most changed pixel."""
@@ -76,6 +76,17 @@ def test_defect_changes_pixels_only_in_its_cell(defect_type: str, kind: str) -> 
             assert len(xs) <= TINY_MAX_PIXELS, f"tiny {defect_type} changed {len(xs)} pixels"
         else:
             assert len(xs) > 20, f"large {defect_type} changed only {len(xs)} pixels"
+
+
+@pytest.mark.parametrize("defect_type", ["scratch", "crack", "spot", "missing_hole"])
+def test_defect_is_drawn_at_its_stated_centre(defect_type: str) -> None:
+    for kind in ("general", "inspection"):
+        for scene in scenes_with(defect_type, kind, n=10, seed=29):
+            defect = scene.defect
+            assert defect is not None
+            ys, xs = np.nonzero(pixel_diff(scene))
+            centre = np.array([defect.x, defect.y]) * 96
+            assert np.hypot(*(np.array([xs.mean(), ys.mean()]) + 0.5 - centre)) <= 2.5
 
 
 @pytest.mark.parametrize("defect_type", ["scratch", "crack", "spot"])

@@ -7,7 +7,6 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-import pytest
 
 from service.world.render import render
 from service.world.scene import Scene, sample_scene
@@ -32,8 +31,3 @@ def pixel_diff(scene: Scene, size: int = 96) -> np.ndarray:
     with_defect = np.asarray(render(scene, size), dtype=np.int16)
     without = np.asarray(render(dataclasses.replace(scene, defect=None), size), dtype=np.int16)
     return np.abs(with_defect - without).max(axis=2)
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    return random.Random(1234)
