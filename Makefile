@@ -26,3 +26,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+.PHONY: serve
+serve: venv
+	$(PY) -m service serve

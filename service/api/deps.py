@@ -1,0 +1,26 @@
+"""FastAPI dependencies as ``Annotated`` types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.errors import NotReady
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Any:
+    engine = request.app.state.engine
+    if engine is None:
+        error = request.app.state.load_error
+        raise NotReady(f"model failed to load: {error}" if error else "model is still loading")
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Any, Depends(get_engine)]

@@ -1,0 +1,87 @@
+"""``POST /v1/answer``: one instruction, zero or more images, an optional adapter."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.api.deps import EngineDep, SettingsDep
+from service.api.images import decode_base64_image, decode_image
+from service.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse
+from service.config import Settings
+from service.engine.jobs import AnswerJob
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+
+router = APIRouter(tags=["inference"])
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+
+
+def _validated(data: dict, settings: Settings) -> AnswerRequest:
+    try:
+        body = AnswerRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from exc
+    if not body.instruction.strip():
+        raise InvalidInput("instruction must not be empty")
+    if len(body.instruction) > settings.max_instruction_chars:
+        raise PayloadTooLarge(f"instruction exceeds {settings.max_instruction_chars} characters")
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise InvalidInput(f"max_new_tokens must be at most {settings.max_new_tokens}")
+    if len(body.images) > settings.max_images:
+        raise PayloadTooLarge(f"at most {settings.max_images} images per request")
+    return body
+
+
+async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, list]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput("body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise InvalidInput("body must be a JSON object")
+        body = _validated(data, settings)
+        images = [
+            decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
+            for i, text in enumerate(body.images)
+        ]
+        return body, images
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=settings.max_images + 1, max_fields=32)
+        files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+        fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+        body = _validated({**fields, "images": []}, settings)
+        if len(files) > settings.max_images:
+            raise PayloadTooLarge(f"at most {settings.max_images} images per request")
+        images = []
+        for i, upload in enumerate(files):
+            data = await upload.read(settings.max_image_bytes + 1)
+            images.append(decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]"))
+        return body, images
+    raise UnsupportedMedia("send application/json or multipart/form-data")
+
+
+@router.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS)
+async def answer(
+    request: Request,
+    settings: SettingsDep,
+    engine: EngineDep,
+    adapter: str | None = Query(None, description="adapter name or name@version; overrides the body"),
+) -> dict:
+    body, images = await _parse(request, settings)
+    job = AnswerJob(
+        instruction=body.instruction,
+        images=images,
+        adapter=adapter if adapter is not None else body.adapter,
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+    )
+    return await run_in_threadpool(engine.answer, job)

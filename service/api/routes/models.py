@@ -1,0 +1,20 @@
+"""``GET /v1/models``: the base model and the adapters in the store (OpenAI list format)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import EngineDep
+
+router = APIRouter(tags=["inference"])
+
+
+@router.get("/v1/models")
+def list_models(engine: EngineDep) -> dict:
+    data = [{"id": engine.model_id, "object": "model", "owned_by": "service", "kind": "base"}]
+    for name in engine.store.names():
+        data.append(
+            {"id": name, "object": "model", "owned_by": "service", "kind": "adapter",
+             "live_version": engine.store.live_version(name), "versions": engine.store.versions(name)}
+        )
+    return {"object": "list", "data": data}

@@ -1,0 +1,44 @@
+"""``python -m service serve``: start the API server on the embedded default or a given model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "log_level") and v is not None}
+    settings = Settings(**overrides)
+    if not Path(settings.model, "config.json").is_file():
+        raise SystemExit(f"no model at {settings.model}: pass --model PATH to a local LLaVA directory")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", dest="data_dir", type=Path)
+    serve.add_argument("--adapter-dir", dest="adapter_dir", type=Path)
+    serve.add_argument("--model", type=Path, help="local LLaVA directory (default: the embedded demo base)")
+    serve.add_argument("--device", help="auto | cpu | cuda[:N]")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--n-slots", dest="n_slots", type=int)
+    serve.add_argument("--max-rank", dest="max_rank", type=int)
+    serve.add_argument("--log-level", dest="log_level", default="info")
+    serve.set_defaults(func=_serve)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Service settings, from flags and the environment (``SERVICE_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR = PACKAGE_DIR / "assets" / "demo-base"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Field(Path("data"), description="job database, uploads, checkpoints")
+    adapter_dir: Path = Field(Path("adapters"), description="the adapter store served")
+    model: Path = Field(DEFAULT_MODEL_DIR, description="a local LLaVA directory (the embedded demo base by default)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    n_slots: int = Field(8, ge=1, le=256, description="resident adapter slots")
+    max_rank: int = Field(64, ge=1, le=1024, description="largest adapter rank a slot holds")
+    max_images: int = Field(4, ge=1, le=64, description="images per request")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per image")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="pixels per decoded image")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="upper bound on a request's max_new_tokens")
+    max_instruction_chars: int = Field(4000, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError("device must be auto, cpu or cuda[:N]")
+        return value

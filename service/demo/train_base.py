@@ -1,0 +1,288 @@
+"""Train the project's demo base (LLaVA architecture: ViT + VCE projector + small Llama) from scratch.
+
+Usage::
+
+    python -m service.demo.train_base --out service/assets/demo-base [--seed 0] \
+        [--vision-steps 600] [--language-steps 900]
+
+Recipe (DESIGN.md section 6 warns that end-to-end training from scratch stays at chance on shape):
+
+1. Build a random LLaVA directory with :data:`~service.demo.data.DEMO_PRESET` and a BPE tokenizer
+   trained on the world's instructions and answers; load it with the real :func:`load_base`.
+2. *Vision stage*: pre-train the vision tower alone with attention-pooled classification heads on
+   the patch tokens of the layer LLaVA projects (``-2``): part type, colour, count, position (single
+   part) and a 9-cell occupancy map. The heads are thrown away afterwards.
+3. *Language stage*: freeze the tower; train the LLM, the VCE attention and the MLP projector on
+   general questions (part, colour, count, position) with loss on the answer tokens only.
+4. Save with :func:`save_base` in float16 and write ``MODEL_CARD.json`` (fingerprint of the saved
+   weights as :func:`load_base` loads them in float32, recipe, timings, held-out accuracy).
+
+Only general questions are trained; inspection is left to the ``line-inspection`` adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.demo.data import (
+    COLOUR_NAMES,
+    DEMO_PRESET,
+    MAX_COUNT,
+    ImagePool,
+    build_pool,
+    normalise,
+    sample_questions,
+    tokenizer_corpus,
+)
+from service.model.base import BaseModel, load_base, save_base
+from service.model.presets import build_random_base
+from service.model.training import TrainingExample, adapter_loss, build_batch
+from service.world import GRID_CELLS, PART_TYPES
+
+log = logging.getLogger("service.demo.train_base")
+
+MODEL_CARD_FILE = "MODEL_CARD.json"
+
+
+class AttributeHeads(nn.Module):
+    """Learned-query attention pooling over patch tokens, one query per attribute / grid cell."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.names = ("part", "colour", "count", "position")
+        self.n_cells = len(GRID_CELLS)
+        self.norm = nn.LayerNorm(dim)
+        self.queries = nn.Parameter(torch.randn(len(self.names) + self.n_cells, dim) * dim**-0.5)
+        self.key = nn.Linear(dim, dim)
+        sizes = (len(PART_TYPES), len(COLOUR_NAMES), MAX_COUNT, len(GRID_CELLS))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, k)) for k in sizes)
+        self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``tokens [B, HW, d]`` → logits per attribute and occupancy logits ``[B, 9]``."""
+        h = self.norm(tokens)
+        scores = torch.einsum("bnd,qd->bqn", self.key(h), self.queries) / math.sqrt(h.shape[-1])
+        pooled = torch.einsum("bqn,bnd->bqd", scores.softmax(-1), h)
+        logits = [head(pooled[:, i]) for i, head in enumerate(self.heads)]
+        cells = self.cell_head(pooled[:, len(self.names) :]).squeeze(-1)
+        return logits, cells
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _eta(start: float, step: int, total: int) -> str:
+    elapsed = time.perf_counter() - start
+    left = elapsed / max(1, step) * (total - step)
+    return f"{elapsed:6.0f}s elapsed, ETA {left:5.0f}s"
+
+
+def anchor_tokens(base: BaseModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (CLS dropped) of the hidden state LLaVA projects (the VCE anchor, ``-2``)."""
+    tower = base.model.model.vision_tower
+    out = tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[base.vce_config.feature_layers[0]][:, 1:]
+
+
+def train_vision(
+    base: BaseModel, pool: ImagePool, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 25
+) -> dict[str, float]:
+    """Stage 1: the vision tower learns the attributes through throw-away classification heads."""
+    tower = base.model.model.vision_tower
+    tower.requires_grad_(True)
+    tower.train()
+    torch.manual_seed(seed)
+    heads = AttributeHeads(tower.config.hidden_size)
+    params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    mean, std = base.image_processor.image_mean, base.image_processor.image_std
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    running: dict[str, float] = {}
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
+        idx = torch.randint(len(pool), (batch_size,), generator=gen)
+        pixels = normalise(pool.pixels[idx], mean, std)
+        logits, cells = heads(anchor_tokens(base, pixels))
+        targets = (pool.part[idx], pool.colour[idx], pool.count[idx], pool.position[idx])
+        losses = [F.cross_entropy(lg, t, ignore_index=-1) for lg, t in zip(logits, targets, strict=True)]
+        loss = sum(losses) + F.binary_cross_entropy_with_logits(cells, pool.occupancy[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            stats = {"loss": loss.item()}
+            for name, lg, t in zip(heads.names, logits, targets, strict=True):
+                keep = t >= 0
+                stats[f"acc_{name}"] = (lg[keep].argmax(-1) == t[keep]).float().mean().item() if keep.any() else 0.0
+        for k, v in stats.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            shown = " ".join(f"{k}={v:.3f}" for k, v in running.items())
+            log.info("vision step %d/%d %s | %s", step + 1, steps, shown, _eta(start, step + 1, steps))
+    tower.eval()
+    tower.requires_grad_(False)
+    return {k: round(v, 4) for k, v in running.items()}
+
+
+def train_language(
+    base: BaseModel, pool: ImagePool, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 25
+) -> float:
+    """Stage 2: LLM + VCE + MLP projector learn to answer general questions (tower frozen)."""
+    base.model.requires_grad_(False)
+    base.model.model.language_model.requires_grad_(True)
+    base.model.lm_head.requires_grad_(True)
+    base.projector.requires_grad_(True)
+    params = [p for p in base.model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    mean, std = base.image_processor.image_mean, base.image_processor.image_std
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    running = None
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
+        indices = [rng.randrange(len(pool)) for _ in range(batch_size)]
+        questions = sample_questions(pool, indices, rng)
+        examples = [TrainingExample(q, a) for _, q, a in questions]
+        # The prompt needs one image placeholder per row: build_batch counts images per example.
+        for ex in examples:
+            ex.images = [None]  # type: ignore[list-item]
+        batch = build_batch(base, examples)
+        pixels = normalise(pool.pixels[torch.tensor(indices)], mean, std)
+        feats = base.image_features(pixels)
+        loss = adapter_loss(base, batch, None, image_features=[[f] for f in feats])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.info("language step %d/%d loss=%.4f | %s", step + 1, steps, running, _eta(start, step + 1, steps))
+    base.model.requires_grad_(False)
+    return float(running or 0.0)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("service/assets/demo-base"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", type=int, default=12000, help="rendered training images")
+    parser.add_argument("--vision-steps", type=int, default=600)
+    parser.add_argument("--vision-batch", type=int, default=64)
+    parser.add_argument("--vision-lr", type=float, default=1e-3)
+    parser.add_argument("--language-steps", type=int, default=900)
+    parser.add_argument("--language-batch", type=int, default=48)
+    parser.add_argument("--language-lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out examples per kind (0 = skip)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    pool_seed = 1000 + args.seed
+    log.info("rendering %d training images (seed %d)", args.pool, pool_seed)
+    pool = build_pool(args.pool, pool_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_random_base(tmp, DEMO_PRESET, seed=args.seed, corpus=tokenizer_corpus())
+        logging.getLogger("service.model.base").setLevel(logging.ERROR)
+        base = load_base(tmp, n_slots=0)
+    n_params = sum(p.numel() for p in base.model.parameters())
+    log.info("random base: %.2fM parameters, VCE %s", n_params / 1e6, base.vce_config)
+    t1 = time.perf_counter()
+    vision_stats = train_vision(base, pool, args.vision_steps, args.vision_batch, args.vision_lr, args.seed)
+    t2 = time.perf_counter()
+    language_loss = train_language(base, pool, args.language_steps, args.language_batch, args.language_lr, args.seed)
+    t3 = time.perf_counter()
+
+    out: Path = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    base.model.to(torch.float16)
+    base.model.config.name_or_path = "demo-base"
+    save_base(base, out)
+    loaded = load_base(out, n_slots=0)  # what users get: float32 from the float16 files
+    card = {
+        "model_id": "demo-base",
+        "fingerprint": loaded.fingerprint,
+        "architecture": {
+            "preset": DEMO_PRESET.__dict__,
+            "vocab_size": len(loaded.tokenizer),
+            "vce": loaded.vce_config.to_dict(),
+            "parameters": n_params,
+            "tokens_per_image": loaded.tokens_per_image,
+        },
+        "recipe": {
+            "command": "python -m service.demo.train_base --out service/assets/demo-base "
+            f"--seed {args.seed} --pool {args.pool} --vision-steps {args.vision_steps} "
+            f"--language-steps {args.language_steps}",
+            "seed": args.seed,
+            "pool_images": args.pool,
+            "pool_seed": pool_seed,
+            "vision": {"steps": args.vision_steps, "batch": args.vision_batch, "lr": args.vision_lr},
+            "language": {"steps": args.language_steps, "batch": args.language_batch, "lr": args.language_lr},
+            "saved_dtype": "float16",
+        },
+        "training": {
+            "vision_final": vision_stats,
+            "language_final_loss": round(language_loss, 4),
+            "seconds": {
+                "data_and_setup": round(t1 - t0, 1),
+                "vision": round(t2 - t1, 1),
+                "language": round(t3 - t2, 1),
+                "total": round(t3 - t0, 1),
+            },
+            "threads": torch.get_num_threads(),
+        },
+        "artifact_bytes": dir_size(out),
+    }
+    if args.eval_n:
+        from service.demo.evaluate import evaluate
+
+        card["eval"] = {
+            kind: evaluate(loaded, n=args.eval_n, kind=kind, seed=12345) for kind in ("general", "inspection")
+        }
+    (out / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    card["artifact_bytes"] = dir_size(out)
+    (out / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    log.info("saved %s (%.1f MB), fingerprint %s", out, card["artifact_bytes"] / 1e6, card["fingerprint"])
+    log.info("%s", json.dumps(card.get("eval", {}), indent=1))
+    return card
+
+
+if __name__ == "__main__":
+    main()

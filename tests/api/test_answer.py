@@ -1,0 +1,135 @@
+"""/v1/answer over HTTP (TestClient) on a tiny base, with and without adapters, and bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.app import create_app
+from service.config import Settings
+from service.model.lora import AdapterConfig, save_adapter
+
+
+def png(color=(200, 20, 20), size=(40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def publish_random_adapter(tiny_base, store, name, version, seed):
+    config = AdapterConfig(peft_type="DUAL_LORA", r=4, lora_alpha=8, base_model_fingerprint=tiny_base.fingerprint)
+    adapter = tiny_base.slots.new_adapter(config, seed=seed)
+    with torch.no_grad():
+        for n, p in adapter.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=1.0, generator=torch.Generator().manual_seed(seed))
+    save_adapter(store / name / str(version), config, adapter)
+    (store / name / "live").write_text(f"{version}\n")
+
+
+@pytest.fixture()
+def client(tiny_base_dir, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    publish_random_adapter(tiny_base, store, "line-inspection", 1, seed=1)
+    publish_random_adapter(tiny_base, store, "line-inspection", 2, seed=2)
+    (store / "line-inspection" / "live").write_text("1\n")
+    settings = Settings(model=tiny_base_dir, adapter_dir=store, data_dir=tmp_path / "data", max_image_pixels=512 * 512)
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        yield c
+
+
+def test_health_ready_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "line-inspection" in ids
+
+
+def test_json_and_multipart_answers_agree(client):
+    image = png()
+    as_json = client.post(
+        "/v1/answer",
+        json={"instruction": "What colour is the part?", "images": [base64.b64encode(image).decode()], "max_new_tokens": 5},
+    )
+    as_form = client.post(
+        "/v1/answer",
+        data={"instruction": "What colour is the part?", "max_new_tokens": "5"},
+        files={"image": ("a.png", image, "image/png")},
+    )
+    assert as_json.status_code == 200, as_json.text
+    assert as_form.status_code == 200, as_form.text
+    a, b = as_json.json(), as_form.json()
+    assert a["answer"] == b["answer"] and a["adapter"] is None
+    assert a["usage"]["completion_tokens"] <= 5 and a["usage"]["prompt_tokens"] > 16
+
+
+def test_adapter_selection_by_query_body_and_version(client):
+    image = "data:image/png;base64," + base64.b64encode(png()).decode()
+    body = {"instruction": "What colour?", "images": [image], "max_new_tokens": 6}
+    base = client.post("/v1/answer", json=body).json()
+    live = client.post("/v1/answer?adapter=line-inspection", json=body).json()
+    v1 = client.post("/v1/answer", json={**body, "adapter": "line-inspection@1"}).json()
+    v2 = client.post("/v1/answer", json={**body, "adapter": "line-inspection@2"}).json()
+    assert live["adapter"] == {"name": "line-inspection", "version": 1}
+    assert v2["adapter"] == {"name": "line-inspection", "version": 2}
+    assert live["answer"] == v1["answer"]
+    assert len({base["answer"], v1["answer"], v2["answer"]}) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        ({"json": {"instruction": "", "max_new_tokens": 2}}, 422, "invalid_request"),
+        ({"json": {"instruction": "   "}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "max_new_tokens": 100000}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "temperature": -1}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "surprise": 1}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "images": ["not base64!"]}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "images": [base64.b64encode(b"not an image").decode()]}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "images": ["https://example.com/a.png"]}}, 422, "invalid_request"),
+        ({"json": {"instruction": "hi", "images": ["x"] * 5}}, 413, "payload_too_large"),
+        ({"json": {"instruction": "hi", "adapter": "nope"}}, 404, "adapter_not_found"),
+        ({"json": {"instruction": "hi", "adapter": "line-inspection@9"}}, 404, "adapter_not_found"),
+        ({"json": {"instruction": "hi", "adapter": "../../etc"}}, 422, "invalid_adapter_name"),
+        ({"json": {"instruction": "hi", "adapter": "line-inspection@x"}}, 422, "invalid_adapter_name"),
+        ({"json": {"instruction": "word " * 400}}, 422, "invalid_request"),
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"content": b"{bad", "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
+        ({"content": b"[1]", "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(client, kwargs, status, code):
+    response = client.post("/v1/answer", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+
+
+def test_oversized_and_corrupt_image_uploads(client):
+    huge = png(size=(600, 600))  # over the 512*512 pixel cap set in the fixture
+    r = client.post("/v1/answer", data={"instruction": "hi"}, files={"image": ("a.png", huge, "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
+    corrupt = png()[:60]
+    r = client.post("/v1/answer", data={"instruction": "hi"}, files={"image": ("a.png", corrupt, "image/png")})
+    assert r.status_code == 422
+
+
+def test_not_ready_is_503(tiny_base_dir, tmp_path):
+    settings = Settings(model=tmp_path / "missing", adapter_dir=tmp_path)
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert c.post("/v1/answer", json={"instruction": "hi"}).status_code == 503
+
+
+def test_the_http_layer_does_not_import_torch():
+    code = "import sys, service.api.app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
