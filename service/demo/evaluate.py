@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    base = load_base(args.base, n_slots=2 if args.adapter else 0, max_rank=64)
-    slot = 0
+    slot, n_slots, rank, targets = 0, 0, 64, ["q_proj", "v_proj"]
+    if args.adapter is not None:
+        adapter_config = json.loads((args.adapter / "adapter_config.json").read_text())
+        n_slots, rank, targets = 2, int(adapter_config["r"]), list(adapter_config["target_modules"])
+    base = load_base(args.base, n_slots=n_slots, max_rank=rank, target_modules=targets)
     if args.adapter is not None:
         from service.model.lora import load_adapter
 

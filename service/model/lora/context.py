@@ -28,7 +28,8 @@ class AdapterBatch:
 
     slot_ids: torch.Tensor | None = None
     trainable: AdapterWeights | None = None
-    # Filled lazily by the first layer that needs them; shared by all layers of the forward.
+    # Host-side views computed once per forward, so layers never sync with the device.
+    ids: tuple[int, ...] = ()
     all_same_slot: int | None = None
 
 
@@ -43,13 +44,14 @@ def current_batch() -> AdapterBatch | None:
 def adapter_batch(slot_ids: torch.Tensor | list[int] | None = None, trainable: AdapterWeights | None = None) -> Iterator[AdapterBatch]:
     """Run forwards inside this block with per-row slots (or a trainable adapter)."""
     same: int | None = None
+    ids: list[int] = []
     if slot_ids is not None:
+        ids = slot_ids.tolist() if isinstance(slot_ids, torch.Tensor) else [int(i) for i in slot_ids]
         if not isinstance(slot_ids, torch.Tensor):
-            slot_ids = torch.tensor(slot_ids, dtype=torch.long)
-        ids = slot_ids.tolist()
+            slot_ids = torch.tensor(ids, dtype=torch.long)
         if ids and all(i == ids[0] for i in ids):
-            same = int(ids[0])
-    batch = AdapterBatch(slot_ids=slot_ids, trainable=trainable, all_same_slot=same)
+            same = ids[0]
+    batch = AdapterBatch(slot_ids=slot_ids, trainable=trainable, ids=tuple(ids), all_same_slot=same)
     token = _current.set(batch)
     try:
         yield batch

@@ -29,8 +29,8 @@ class LoRAKernel:
     kind = KIND_LORA
 
     @staticmethod
-    def delta(layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None) -> torch.Tensor:
-        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``."""
+    def delta(layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, full_rank: bool) -> torch.Tensor:
+        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]`` (padding is zero: no masking)."""
         rank = layer.max_rank
         if same is not None:
             hidden = F.linear(x, layer.lora_AT[same, :rank])
@@ -46,18 +46,18 @@ class DualLoRAKernel:
     kind = KIND_DUAL
 
     @staticmethod
-    def _gate(layer: SlotLinear, hidden: torch.Tensor, slots: torch.Tensor | int) -> torch.Tensor:
+    def _gate(layer: SlotLinear, hidden: torch.Tensor, slots: torch.Tensor | int, full_rank: bool) -> torch.Tensor:
         """``hidden``: ``[..., 2R]`` = [A x | T x] → ``ReLU(T x) ⊙ LN(A x)``: ``[..., R]``."""
         rank = layer.max_rank
         skill, task = hidden[..., :rank], hidden[..., rank:]
         weight, bias = layer.ln_weight[slots], layer.ln_bias[slots]
         if isinstance(slots, torch.Tensor):
             weight, bias = weight.unsqueeze(1), bias.unsqueeze(1)
-        ranks = layer.rank[slots]
-        if bool((ranks == rank).all()):
+        if full_rank:
             normed = F.layer_norm(skill, (rank,), eps=LN_EPS)
         else:
             # LayerNorm over each adapter's own r entries; the zero padding stays out of the stats.
+            ranks = layer.rank[slots]
             r = ranks.to(skill.dtype)
             mask = torch.arange(rank, device=skill.device) < ranks.unsqueeze(-1)
             if isinstance(slots, torch.Tensor):
@@ -69,13 +69,13 @@ class DualLoRAKernel:
         return F.relu(task) * (normed * weight + bias)
 
     @classmethod
-    def delta(cls, layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None) -> torch.Tensor:
+    def delta(cls, layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, full_rank: bool) -> torch.Tensor:
         """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``."""
         if same is not None:
-            gated = cls._gate(layer, F.linear(x, layer.lora_AT[same]), same)
+            gated = cls._gate(layer, F.linear(x, layer.lora_AT[same]), same, full_rank)
             return F.linear(gated, layer.lora_B[same]) * layer.scale[same]
         hidden = torch.bmm(x, layer.lora_AT[slots].transpose(1, 2))
-        gated = cls._gate(layer, hidden, slots)
+        gated = cls._gate(layer, hidden, slots, full_rank)
         out = torch.bmm(gated, layer.lora_B[slots].transpose(1, 2))
         return out * layer.scale[slots].view(-1, 1, 1)
 
@@ -106,8 +106,9 @@ class SlotLinear(nn.Module):
         self.register_buffer("scale", torch.zeros(slots, **factory), persistent=False)
         self.register_buffer("rank", torch.zeros(slots, dtype=torch.long, device=base.weight.device), persistent=False)
         self.register_buffer("kind", torch.zeros(slots, dtype=torch.long, device=base.weight.device), persistent=False)
-        # Host-side copy of ``kind`` so the forward never syncs with the device to pick kernels.
+        # Host-side copies of ``kind`` and ``rank``: the forward never syncs with the device.
         self._kinds = [KIND_NONE] * slots
+        self._ranks = [0] * slots
 
     @property
     def in_features(self) -> int:
@@ -149,6 +150,7 @@ class SlotLinear(nn.Module):
         self.rank[slot] = r
         self.kind[slot] = KIND_OF[weights.kind]
         self._kinds[slot] = KIND_OF[weights.kind]
+        self._ranks[slot] = r
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -161,6 +163,7 @@ class SlotLinear(nn.Module):
         self.rank[slot] = 0
         self.kind[slot] = KIND_NONE
         self._kinds[slot] = KIND_NONE
+        self._ranks[slot] = 0
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.n_slots:
@@ -170,6 +173,7 @@ class SlotLinear(nn.Module):
         # Keep the host-side kind list in sync when buffers are moved or cast.
         out = super()._apply(fn, recurse)
         self._kinds = [int(k) for k in self.kind.tolist()]
+        self._ranks = [int(r) for r in self.rank.tolist()]
         return out
 
     # -- forward ---------------------------------------------------------------------------
@@ -193,14 +197,14 @@ class SlotLinear(nn.Module):
         if same is not None:
             kernel = KERNELS[self._kinds[same] - 1] if self._kinds[same] else None
             if kernel is not None:
-                y = y + kernel.delta(self, x, batch.slot_ids, same).to(y.dtype)
+                full = self._ranks[same] == self.max_rank
+                y = y + kernel.delta(self, x, batch.slot_ids, same, full).to(y.dtype)
         else:
-            y = self._mixed(x, y, batch.slot_ids)
+            y = self._mixed(x, y, batch.slot_ids, batch.ids)
         return y.squeeze(1) if squeeze else y
 
-    def _mixed(self, x: torch.Tensor, y: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor, slot_ids: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
         """Rows on different slots: each kernel handles the rows whose slot holds its kind."""
-        ids = slot_ids.tolist()
         kinds = [self._kinds[i] for i in ids]
         present = set(kinds) - {KIND_NONE}
         if not present:
@@ -209,11 +213,13 @@ class SlotLinear(nn.Module):
         for kernel in KERNELS:
             if kernel.kind not in present:
                 continue
-            if all(k == kernel.kind for k in kinds):
-                y = y + kernel.delta(self, x, slots, None).to(y.dtype)
+            mine = [i for i, k in enumerate(kinds) if k == kernel.kind]
+            full = all(self._ranks[ids[i]] == self.max_rank for i in mine)
+            if len(mine) == len(ids):
+                y = y + kernel.delta(self, x, slots, None, full).to(y.dtype)
                 continue
-            rows = torch.tensor([i for i, k in enumerate(kinds) if k == kernel.kind], device=x.device)
-            delta = kernel.delta(self, x.index_select(0, rows), slots.index_select(0, rows), None)
+            rows = torch.tensor(mine, device=x.device)
+            delta = kernel.delta(self, x.index_select(0, rows), slots.index_select(0, rows), None, full)
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 
