@@ -34,3 +34,15 @@ class NotFound(ServiceError):
 
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
+
+
+class Overloaded(ServiceError):
+    status, code = 429, "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.routes import answer, health, models
+from service import metrics
+from service.api.routes import answer, chat, health, models
+from service.api.routes import metrics as metrics_route
 from service.config import Settings
-from service.errors import ServiceError
+from service.errors import Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,38 @@ def create_app(
         else:
             load()
         yield
+        if app.state.engine is not None and hasattr(app.state.engine, "close"):
+            app.state.engine.close()
 
     app = FastAPI(title="MLLM adapter service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = None
     app.state.load_error = None
-    for router in (health.router, answer.router, models.router):
+    for router in (health.router, answer.router, chat.router, models.router, metrics_route.router):
         app.include_router(router)
+
+    @app.middleware("http")
+    async def request_log(request: Request, call_next):
+        """A request id on every response and one structured log line per request."""
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        response.headers["x-request-id"] = request_id
+        metrics.REQUESTS.labels(path, str(response.status_code)).inc()
+        metrics.LATENCY.labels(path).observe(elapsed)
+        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
+                             "status": response.status_code, "ms": round(elapsed * 1e3, 1)}))
+        return response
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        if isinstance(exc, Overloaded):
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,7 @@ class AnswerRequest(BaseModel):
     adapter: str | None = Field(None, description="adapter name, name@version, or base/absent for none")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
+    stream: bool = Field(False, description="server-sent events: text deltas, then the full response")
 
 
 class AdapterInfo(BaseModel):

@@ -105,13 +105,19 @@ def inspection_metrics(records: Sequence[Record], predictions: Sequence[str]) ->
 
 
 def answer_all(
-    base: BaseModel, examples: Sequence[tuple[Any, Record]], slot: int = 0, batch_size: int = 50, max_new_tokens: int = 12
+    base: BaseModel,
+    examples: Sequence[tuple[Any, Record]],
+    slot: int = 0,
+    batch_size: int = 50,
+    max_new_tokens: int = 12,
 ) -> list[str]:
     """Greedy answers of ``base`` (with the adapter in ``slot``) to every example, in batches."""
     answers: list[str] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        requests = [GenerationRequest(r["instruction"], [im], slot=slot, max_new_tokens=max_new_tokens) for im, r in chunk]
+        requests = [
+            GenerationRequest(r["instruction"], [im], slot=slot, max_new_tokens=max_new_tokens) for im, r in chunk
+        ]
         answers.extend(res.text for res in generate(base, requests))
     return answers
 

@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 elapsed = time.perf_counter() - start
                 log.info(
                     "epoch %d step %d/%d loss=%.4f | %.0fs elapsed, ETA %.0fs",
-                    epoch + 1, step, total, loss_value, elapsed, elapsed / step * (total - step),
+                    epoch + 1,
+                    step,
+                    total,
+                    loss_value,
+                    elapsed,
+                    elapsed / step * (total - step),
                 )
     train_seconds = time.perf_counter() - start
     adapter.eval()

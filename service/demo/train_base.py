@@ -80,11 +80,16 @@ class AttributeHeads(nn.Module):
         return logits, cells
 
 
-def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+def _lr(step: int, total: int, peak: float, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5 % driven by steps or by the time budget, whichever is ahead."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _time_fraction(start: float, budget: float | None) -> float:
+    return (time.perf_counter() - start) / budget if budget else 0.0
 
 
 def _eta(start: float, step: int, total: int) -> str:
@@ -101,9 +106,20 @@ def anchor_tokens(base: BaseModel, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def train_vision(
-    base: BaseModel, pool: ImagePool, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 25
+    base: BaseModel,
+    pool: ImagePool,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 25,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
-    """Stage 1: the vision tower learns the attributes through throw-away classification heads."""
+    """Stage 1: the vision tower learns the attributes through throw-away classification heads.
+
+    ``max_seconds`` caps the stage's wall time: the schedule anneals by time when that is ahead of
+    the step count, and the stage stops when the budget is spent (a shared, busy machine).
+    """
     tower = base.model.model.vision_tower
     tower.requires_grad_(True)
     tower.train()
@@ -117,7 +133,7 @@ def train_vision(
     running: dict[str, float] = {}
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
+            group["lr"] = _lr(step, steps, lr, max(1, steps // 20), _time_fraction(start, max_seconds))
         idx = torch.randint(len(pool), (batch_size,), generator=gen)
         pixels = normalise(pool.pixels[idx], mean, std)
         logits, cells = heads(anchor_tokens(base, pixels))
@@ -135,18 +151,34 @@ def train_vision(
                 stats[f"acc_{name}"] = (lg[keep].argmax(-1) == t[keep]).float().mean().item() if keep.any() else 0.0
         for k, v in stats.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        out_of_time = _time_fraction(start, max_seconds) >= 1.0
+        if (step + 1) % log_every == 0 or step + 1 == steps or out_of_time:
             shown = " ".join(f"{k}={v:.3f}" for k, v in running.items())
             log.info("vision step %d/%d %s | %s", step + 1, steps, shown, _eta(start, step + 1, steps))
+        if out_of_time:
+            log.info("vision stage: time budget spent after %d steps", step + 1)
+            break
+    running["steps"] = step + 1
     tower.eval()
     tower.requires_grad_(False)
     return {k: round(v, 4) for k, v in running.items()}
 
 
 def train_language(
-    base: BaseModel, pool: ImagePool, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 25
-) -> float:
-    """Stage 2: LLM + VCE + MLP projector learn to answer general questions (tower frozen)."""
+    base: BaseModel,
+    pool: ImagePool,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 25,
+    max_seconds: float | None = None,
+) -> tuple[float, int]:
+    """Stage 2: LLM + VCE + MLP projector learn to answer general questions (tower frozen).
+
+    Returns the smoothed final loss and the number of steps run (``max_seconds`` as in
+    :func:`train_vision`).
+    """
     base.model.requires_grad_(False)
     base.model.model.language_model.requires_grad_(True)
     base.model.lm_head.requires_grad_(True)
@@ -163,7 +195,7 @@ def train_language(
     running = None
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
+            group["lr"] = _lr(step, steps, lr, max(1, steps // 20), _time_fraction(start, max_seconds))
         indices = [rng.randrange(len(pool)) for _ in range(batch_size)]
         questions = sample_questions(pool, indices, rng)
         examples = [TrainingExample(q, a) for _, q, a in questions]
@@ -179,10 +211,14 @@ def train_language(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        out_of_time = _time_fraction(start, max_seconds) >= 1.0
+        if (step + 1) % log_every == 0 or step + 1 == steps or out_of_time:
             log.info("language step %d/%d loss=%.4f | %s", step + 1, steps, running, _eta(start, step + 1, steps))
+        if out_of_time:
+            log.info("language stage: time budget spent after %d steps", step + 1)
+            break
     base.model.requires_grad_(False)
-    return float(running or 0.0)
+    return float(running or 0.0), step + 1
 
 
 def dir_size(path: Path) -> int:
@@ -200,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--language-steps", type=int, default=900)
     parser.add_argument("--language-batch", type=int, default=48)
     parser.add_argument("--language-lr", type=float, default=1e-3)
+    parser.add_argument("--vision-minutes", type=float, default=0.0, help="wall-time cap of stage 1 (0 = none)")
+    parser.add_argument("--language-minutes", type=float, default=0.0, help="wall-time cap of stage 2 (0 = none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out examples per kind (0 = skip)")
     args = parser.parse_args(argv)
@@ -224,9 +262,25 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in base.model.parameters())
     log.info("random base: %.2fM parameters, VCE %s", n_params / 1e6, base.vce_config)
     t1 = time.perf_counter()
-    vision_stats = train_vision(base, pool, args.vision_steps, args.vision_batch, args.vision_lr, args.seed)
+    vision_stats = train_vision(
+        base,
+        pool,
+        args.vision_steps,
+        args.vision_batch,
+        args.vision_lr,
+        args.seed,
+        max_seconds=args.vision_minutes * 60 or None,
+    )
     t2 = time.perf_counter()
-    language_loss = train_language(base, pool, args.language_steps, args.language_batch, args.language_lr, args.seed)
+    language_loss, language_steps = train_language(
+        base,
+        pool,
+        args.language_steps,
+        args.language_batch,
+        args.language_lr,
+        args.seed,
+        max_seconds=args.language_minutes * 60 or None,
+    )
     t3 = time.perf_counter()
 
     out: Path = args.out
@@ -249,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": {
             "command": "python -m service.demo.train_base --out service/assets/demo-base "
             f"--seed {args.seed} --pool {args.pool} --vision-steps {args.vision_steps} "
-            f"--language-steps {args.language_steps}",
+            f"--language-steps {args.language_steps} --vision-minutes {args.vision_minutes} "
+            f"--language-minutes {args.language_minutes}",
             "seed": args.seed,
             "pool_images": args.pool,
             "pool_seed": pool_seed,
@@ -260,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": {
             "vision_final": vision_stats,
             "language_final_loss": round(language_loss, 4),
+            "language_steps_run": language_steps,
             "seconds": {
                 "data_and_setup": round(t1 - t0, 1),
                 "vision": round(t2 - t1, 1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # Streaming and cancellation hooks, called from the generating thread.
+    on_text: Callable[[str], None] | None = None
+    is_cancelled: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -42,7 +46,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS), "length" or "cancelled"
 
 
 @dataclass
@@ -94,6 +98,16 @@ def encode_prompt(base: BaseModel, instruction: str, n_images: int) -> list[int]
     for token in ids:
         expanded.extend([image_id] * base.tokens_per_image if token == image_id else [token])
     return expanded
+
+
+def check_request(base: BaseModel, request: GenerationRequest) -> int:
+    """Validate one request up front; returns its prompt length in tokens."""
+    n_tokens = len(encode_prompt(base, request.instruction, len(request.images)))
+    if n_tokens + request.max_new_tokens > base.max_context:
+        raise PromptTooLongError(
+            f"prompt of {n_tokens} tokens + max_new_tokens {request.max_new_tokens} exceeds the context of {base.max_context}"
+        )
+    return n_tokens
 
 
 def image_features(
@@ -161,6 +175,16 @@ def _next_tokens(
     return out
 
 
+def _emit(base: BaseModel, request: GenerationRequest, ids: list[int], sent: str) -> str:
+    """Send the new text of a row; held back while the last token ends mid-character."""
+    text = base.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+    if text.endswith("\ufffd") or not text.startswith(sent):
+        return sent
+    if len(text) > len(sent):
+        request.on_text(text[len(sent) :])
+    return text
+
+
 @torch.no_grad()
 def generate(
     base: BaseModel,
@@ -173,12 +197,9 @@ def generate(
         return []
     timing = timing or BatchTiming()
     t0 = time.perf_counter()
+    for req in requests:
+        check_request(base, req)
     rows = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
-    for row, req in zip(rows, requests, strict=True):
-        if len(row) + req.max_new_tokens > base.max_context:
-            raise PromptTooLongError(
-                f"prompt of {len(row)} tokens + max_new_tokens {req.max_new_tokens} exceeds the context of {base.max_context}"
-            )
     all_images = [im for r in requests for im in r.images]
     feats = image_features(base, all_images, cache) if all_images else []
     per_row, k = [], 0
@@ -212,10 +233,15 @@ def generate(
         t2 = time.perf_counter()
         timing.prefill_ms += (t2 - t1) * 1e3
         step = 0
+        streamed = [""] * batch
         while not all(done):
             tokens = _next_tokens(out.logits[:, -1], requests, generators)
             for i, tok in enumerate(tokens.tolist()):
                 if done[i]:
+                    continue
+                req = requests[i]
+                if req.is_cancelled is not None and req.is_cancelled():
+                    done[i], finish[i] = True, "cancelled"
                     continue
                 if tok == eos:
                     done[i], finish[i] = True, "stop"
@@ -223,6 +249,8 @@ def generate(
                 outputs[i].append(tok)
                 if len(outputs[i]) >= budget[i]:
                     done[i] = True
+                if req.on_text is not None:
+                    streamed[i] = _emit(base, req, outputs[i], streamed[i])
             step += 1
             if all(done):
                 break

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.deps import EngineDep, SettingsDep
 from service.api.images import decode_base64_image, decode_image
+from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
 from service.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse
 from service.config import Settings
 from service.engine.jobs import AnswerJob
@@ -75,7 +76,7 @@ async def answer(
     settings: SettingsDep,
     engine: EngineDep,
     adapter: str | None = Query(None, description="adapter name or name@version; overrides the body"),
-) -> dict:
+):
     body, images = await _parse(request, settings)
     job = AnswerJob(
         instruction=body.instruction,
@@ -84,4 +85,21 @@ async def answer(
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
     )
-    return await run_in_threadpool(engine.answer, job)
+    if not body.stream:
+        row = await submit(engine, job)
+        return await wait_for_row(request, row, settings.request_timeout_s)
+
+    stream = RowStream()
+    row = await submit(engine, job, stream.on_text)
+    stream.attach(row)
+
+    async def events():
+        async for kind, value in stream.events(row, settings.request_timeout_s):
+            if kind == "text":
+                yield sse({"id": row.request_id, "delta": value})
+            elif kind == "done":
+                yield sse(value, event="done")
+            else:
+                yield sse(error_payload(value), event="error")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,88 @@
+"""Waiting on engine rows from async handlers: timeouts, client disconnects, SSE streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ServiceError, Timeout
+
+
+async def submit(engine: Any, job: Any, on_text: Callable[[str], None] | None = None) -> Any:
+    return await run_in_threadpool(engine.submit, job, on_text)
+
+
+async def wait_for_row(request: Request, row: Any, timeout_s: float) -> dict:
+    """The row's result; cancels the row if the client goes away or the time limit passes."""
+    future = asyncio.wrap_future(row.future)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.2)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                row.cancel()
+                raise ServiceError("client disconnected")
+            if loop.time() > deadline:
+                row.cancel()
+                raise Timeout(f"no answer within {timeout_s:g} s")
+    except asyncio.CancelledError:
+        row.cancel()
+        raise
+
+
+class RowStream:
+    """Bridges a row's text deltas (worker thread) to an async iterator (event loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def on_text(self, delta: str) -> None:  # called from the engine's worker thread
+        self.loop.call_soon_threadsafe(self.items.put_nowait, ("text", delta))
+
+    def attach(self, row: Any) -> None:
+        def finished(future: Any) -> None:
+            exc = future.exception()
+            item = ("error", exc) if exc else ("done", future.result())
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+        row.future.add_done_callback(finished)
+
+    async def events(self, row: Any, timeout_s: float) -> AsyncIterator[tuple[str, Any]]:
+        deadline = self.loop.time() + timeout_s
+        try:
+            while True:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    row.cancel()
+                    yield "error", Timeout(f"no answer within {timeout_s:g} s")
+                    return
+                try:
+                    kind, value = await asyncio.wait_for(self.items.get(), timeout=remaining)
+                except TimeoutError:
+                    continue
+                yield kind, value
+                if kind != "text":
+                    return
+        finally:
+            # The client went away (generator closed) or we are done: free the row either way.
+            row.cancel()
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def error_payload(exc: BaseException) -> dict:
+    if isinstance(exc, ServiceError):
+        return {"error": {"code": exc.code, "message": exc.message}}
+    return {"error": {"code": "internal_error", "message": "internal error; see the server log"}}
