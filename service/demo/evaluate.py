@@ -32,6 +32,7 @@ from service.model.generate import GenerationRequest, generate
 from service.world import generate_examples, inspection_fields
 
 Record = dict[str, Any]
+EVAL_LATENCY_SEED = 54321
 
 
 def _normalise(text: str) -> str:
@@ -122,6 +123,22 @@ def answer_all(
     return answers
 
 
+def single_request_latency(base: BaseModel, repeats: int = 5, slot: int = 0) -> dict[str, float]:
+    """Wall time of one request (one image, a general question) answered alone: median and best, ms."""
+    image, record = generate_examples(
+        1, EVAL_LATENCY_SEED, kind="general", size=base.model.config.vision_config.image_size
+    )[0]
+    request = GenerationRequest(record["instruction"], [image], slot=slot, max_new_tokens=12)
+    generate(base, [request])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(base, [request])
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"median_ms": round(times[len(times) // 2], 1), "best_ms": round(times[0], 1)}
+
+
 def evaluate(
     base: BaseModel, n: int = 200, kind: str = "general", seed: int = 12345, slot: int = 0, batch_size: int = 50
 ) -> dict[str, Any]:
@@ -165,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base.slots.load(1, weights)
         slot = 1
     result = evaluate(base, n=args.n, kind=args.kind, seed=args.seed, slot=slot, batch_size=args.batch_size)
+    result["latency_one_request"] = single_request_latency(base, slot=slot)
     print(json.dumps(result, indent=2))
     return result
 

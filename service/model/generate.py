@@ -175,10 +175,12 @@ def _next_tokens(
     return out
 
 
-def _emit(base: BaseModel, request: GenerationRequest, ids: list[int], sent: str) -> str:
-    """Send the new text of a row; held back while the last token ends mid-character."""
+def _emit(base: BaseModel, request: GenerationRequest, ids: list[int], sent: str, final: bool = False) -> str:
+    """Send the new text of a row; held back while the last token ends mid-character (until final)."""
     text = base.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-    if text.endswith("\ufffd") or not text.startswith(sent):
+    if final:
+        text = text.rstrip()
+    if (text.endswith("\ufffd") and not final) or not text.startswith(sent):
         return sent
     if len(text) > len(sent):
         request.on_text(text[len(sent) :])
@@ -264,6 +266,9 @@ def generate(
                 use_cache=True,
             )
         timing.decode_ms += (time.perf_counter() - t2) * 1e3
+    for req, ids, sent in zip(requests, outputs, streamed, strict=True):
+        if req.on_text is not None:
+            _emit(base, req, ids, sent, final=True)
     return [
         GenerationResult(
             text=base.tokenizer.decode(ids, skip_special_tokens=True).strip(),

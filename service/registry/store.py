@@ -180,7 +180,9 @@ class AdapterStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name) and self.versions(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name) and self.versions(p.name)
+        )
 
     def resolve(self, reference: str) -> AdapterRef | None:
         parsed = parse_reference(reference)
@@ -346,10 +348,15 @@ class AdapterStore:
             except FileNotFoundError as exc:
                 if tmp.is_dir():
                     raise
-                raise Conflict(f"adapter {name!r} was deleted while this version was being published; publish again") from exc
+                raise Conflict(
+                    f"adapter {name!r} was deleted while this version was being published; publish again"
+                ) from exc
             with self._locked(name, create=True) as folder:
                 if not tmp.is_dir():  # the adapter was deleted (folder renamed away) while we copied
-                    raise Conflict(f"adapter {name!r} was deleted while this version was being published; publish again")
+                    raise Conflict(
+                        f"adapter {name!r} was deleted while this version was being published; publish again"
+                    )
+                self._sweep(folder, keep=tmp)
                 existing = self.versions(name)
                 version = max([self._high_water(name), *existing, 0]) + 1
                 if version > MAX_VERSION:
@@ -442,6 +449,19 @@ class AdapterStore:
             _fsync_dir(self.root)
         _remove_tree(trash)
         return {"name": name, "version": version, "deleted": True, "live_version": None}
+
+    @staticmethod
+    def _sweep(folder: Path, keep: Path, max_age_s: float = 6 * 3600.0) -> None:
+        """Remove temp/trash entries in ``folder`` left by crashed writers long ago."""
+        now = time.time()
+        for path in folder.iterdir():
+            if path == keep or not path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+                continue
+            try:
+                if now - path.stat().st_mtime > max_age_s:
+                    _remove_tree(path) if path.is_dir() else path.unlink()
+            except OSError:
+                pass
 
     def cleanup(self, max_age_s: float = 3600.0) -> int:
         """Remove temp and trash directories left by crashed writers (older than ``max_age_s``)."""

@@ -1,0 +1,149 @@
+"""The engine: dynamic batching equals one-by-one, slot LRU, hot swap, back-pressure, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.engine.engine import Engine, SlotTable
+from service.engine.jobs import AnswerJob
+from service.errors import InvalidInput, NotFound, Overloaded
+from tests.helpers import publish_random_adapter
+
+RED = Image.new("RGB", (40, 40), (200, 20, 20))
+GREEN = Image.new("RGB", (40, 40), (20, 200, 20))
+
+
+@pytest.fixture()
+def make_engine(tiny_base, tmp_path):
+    engines = []
+
+    def make(**overrides):
+        settings = Settings(model=tmp_path, adapter_dir=tmp_path / "adapters", **overrides)
+        engine = Engine(settings, base=tiny_base)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def jobs():
+    return [
+        AnswerJob("What colour?", [RED], None, 6),
+        AnswerJob("What colour?", [RED], "a", 6),
+        AnswerJob("Where is it?", [GREEN], "b", 4),
+        AnswerJob("Describe", [], "c", 5),
+        AnswerJob("What colour?", [GREEN, RED], "a@1", 3),
+        AnswerJob("hi", [], None, 2, temperature=0.7),
+    ]
+
+
+def test_concurrent_requests_are_batched_and_equal_one_by_one(make_engine, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    for seed, name in enumerate("abc", start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed, peft_type="LORA" if name == "c" else "DUAL_LORA")
+    engine = make_engine(max_batch_size=8, max_wait_ms=200)
+    alone = [engine.answer(job) for job in jobs()[:5]]
+    rows = [engine.submit(job) for job in jobs()[:5]]
+    together = [row.future.result(timeout=60) for row in rows]
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+    assert max(r["timing_ms"]["batch_size"] for r in together) > 1
+    assert together[1]["adapter"] == {"name": "a", "version": 1}
+    assert len({r["answer"] for r in together[:4]}) == 4  # base and three adapters all differ
+
+
+def test_lru_evicts_the_least_recently_used_idle_adapter(make_engine, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    for seed, name in enumerate("abc", start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed)
+    engine = make_engine(n_slots=2, max_batch_size=1)
+    first = engine.answer(AnswerJob("What colour?", [RED], "a", 5))["answer"]
+    engine.answer(AnswerJob("What colour?", [RED], "b", 5))
+    engine.answer(AnswerJob("What colour?", [RED], "a", 5))  # a is now the most recent
+    engine.answer(AnswerJob("What colour?", [RED], "c", 5))  # evicts b
+    assert set(engine.slots.resident) == {("a", 1), ("c", 1)}
+    assert engine.answer(AnswerJob("What colour?", [RED], "a", 5))["answer"] == first
+
+
+def test_a_batch_needing_more_adapters_than_slots_is_split(make_engine, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    for seed, name in enumerate("abc", start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed)
+    reference = make_engine(n_slots=4)
+    want = [reference.answer(AnswerJob("What colour?", [RED], n, 4))["answer"] for n in "abc"]
+    engine = make_engine(n_slots=2, max_batch_size=8, max_wait_ms=200)
+    rows = [engine.submit(AnswerJob("What colour?", [RED], n, 4)) for n in "abc"]
+    got = [row.future.result(timeout=60)["answer"] for row in rows]
+    assert got == want
+
+
+def test_slot_table_never_evicts_a_pinned_slot():
+    table = SlotTable(2)
+    s1, _ = table.assign(("a", 1), pinned=set())
+    s2, _ = table.assign(("b", 1), pinned={s1})
+    slot, evicted = table.assign(("c", 1), pinned={s1})
+    assert evicted == ("b", 1) and slot == s2
+    with pytest.raises(RuntimeError):
+        table.assign(("d", 1), pinned={s1, s2})
+
+
+def test_hot_swap_new_version_and_live_pointer_without_restart(make_engine, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    publish_random_adapter(tiny_base, store, "a", 1, seed=1)
+    engine = make_engine()
+    v1 = engine.answer(AnswerJob("What colour?", [RED], "a", 6))
+    publish_random_adapter(tiny_base, store, "a", 2, seed=2)  # written by "another process"
+    v2 = engine.answer(AnswerJob("What colour?", [RED], "a", 6))
+    assert (v1["adapter"]["version"], v2["adapter"]["version"]) == (1, 2)
+    assert v1["answer"] != v2["answer"]
+    (store / "a" / "live").write_text("1\n")  # rollback
+    assert engine.answer(AnswerJob("What colour?", [RED], "a", 6))["answer"] == v1["answer"]
+
+
+def test_a_running_request_finishes_on_the_version_it_started_with(make_engine, tiny_base, tmp_path):
+    store = tmp_path / "adapters"
+    publish_random_adapter(tiny_base, store, "a", 1, seed=1)
+    publish_random_adapter(tiny_base, store, "a", 2, seed=2, live=False)
+    engine = make_engine(max_wait_ms=300)
+    row = engine.submit(AnswerJob("What colour?", [RED], "a", 6))
+    (store / "a" / "live").write_text("2\n")  # moved while the request waits
+    assert row.future.result(timeout=60)["adapter"] == {"name": "a", "version": 1}
+
+
+def test_full_queue_is_overloaded_and_bad_requests_fail_at_submit(make_engine, tiny_base, tmp_path):
+    engine = make_engine(max_queue=1, max_batch_size=1)
+    gate = threading.Event()
+    original = engine._execute
+
+    def slow(batch):
+        gate.wait(10)
+        original(batch)
+
+    engine._execute = slow
+    first = engine.submit(AnswerJob("hi", [], None, 2))
+    time.sleep(0.3)  # the worker has taken `first` and is blocked
+    engine.submit(AnswerJob("hi", [], None, 2))
+    with pytest.raises(Overloaded):
+        engine.submit(AnswerJob("hi", [], None, 2))
+    gate.set()
+    assert first.future.result(timeout=60)["answer"] is not None
+    with pytest.raises(InvalidInput):
+        engine.submit(AnswerJob("word " * 400, [], None, 2))
+    with pytest.raises(NotFound):
+        engine.submit(AnswerJob("hi", [], "missing", 2))
+
+
+def test_cancelled_rows_stop_early(make_engine):
+    engine = make_engine(max_wait_ms=200)
+    keep = engine.submit(AnswerJob("hi", [], None, 20))
+    drop = engine.submit(AnswerJob("hi", [], None, 20))
+    drop.cancel()
+    assert keep.future.result(timeout=60)["usage"]["completion_tokens"] >= 1
+    with pytest.raises(Exception, match="cancelled"):
+        drop.future.result(timeout=60)
