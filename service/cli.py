@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--n-slots", dest="n_slots", type=int)
     serve.add_argument("--max-rank", dest="max_rank", type=int)
+    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per batch (1 = no batching)")
+    serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, help="how long a batch waits to fill")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)

@@ -133,3 +133,17 @@ def test_not_ready_is_503(tiny_base_dir, tmp_path):
 def test_the_http_layer_does_not_import_torch():
     code = "import sys, service.api.app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decompression_bomb_is_refused_before_decoding(client):
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buf, format="PNG")  # 144 Mpixel in a few hundred KB
+    assert len(buf.getvalue()) < 1_000_000
+    r = client.post("/v1/answer", data={"instruction": "hi"}, files={"image": ("bomb.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_too_many_uploaded_images(client):
+    files = [("image", (f"{i}.png", png(), "image/png")) for i in range(5)]
+    r = client.post("/v1/answer", data={"instruction": "hi"}, files=files)
+    assert r.status_code in (400, 413) and "error" in r.json()
