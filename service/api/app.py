@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
-from service.api.routes import answer, chat, health, models
+from service.api.routes import adapters, answer, chat, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
 from service.errors import Overloaded, ServiceError
@@ -63,7 +63,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = None
     app.state.load_error = None
-    for router in (health.router, answer.router, chat.router, models.router, metrics_route.router):
+    for router in (health.router, answer.router, chat.router, models.router, adapters.router, metrics_route.router):
         app.include_router(router)
 
     @app.middleware("http")

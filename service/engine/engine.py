@@ -108,6 +108,7 @@ class Engine:
         log.info("loaded base %s (%s) in %.1fs on %s", settings.model, self.base.fingerprint,
                  time.perf_counter() - t0, self.device)
         self.store = AdapterStore(settings.adapter_dir)
+        self.store.cleanup(max_age_s=6 * 3600)  # temp dirs left by writers that crashed
         self.slots = SlotTable(settings.n_slots)
         self.cache = ImageFeatureCache()
         self._queue: queue.Queue[PendingRow] = queue.Queue(maxsize=settings.max_queue)

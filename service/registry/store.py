@@ -458,8 +458,12 @@ class AdapterStore:
             if path == keep or not path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 continue
             try:
-                if now - path.stat().st_mtime > max_age_s:
-                    _remove_tree(path) if path.is_dir() else path.unlink()
+                if now - path.stat().st_mtime <= max_age_s:
+                    continue
+                if path.is_dir():
+                    _remove_tree(path)
+                else:
+                    path.unlink()
             except OSError:
                 pass
 

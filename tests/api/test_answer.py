@@ -8,30 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
 from service.config import Settings
-from service.model.lora import AdapterConfig, save_adapter
-
-
-def png(color=(200, 20, 20), size=(40, 40)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def publish_random_adapter(tiny_base, store, name, version, seed):
-    config = AdapterConfig(peft_type="DUAL_LORA", r=4, lora_alpha=8, base_model_fingerprint=tiny_base.fingerprint)
-    adapter = tiny_base.slots.new_adapter(config, seed=seed)
-    with torch.no_grad():
-        for n, p in adapter.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=1.0, generator=torch.Generator().manual_seed(seed))
-    save_adapter(store / name / str(version), config, adapter)
-    (store / name / "live").write_text(f"{version}\n")
+from tests.helpers import png, publish_random_adapter
 
 
 @pytest.fixture()
