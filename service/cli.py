@@ -13,12 +13,21 @@ def _serve(args: argparse.Namespace) -> None:
     from service.api.app import create_app
     from service.config import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "log_level") and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     if not Path(settings.model, "config.json").is_file():
         raise SystemExit(f"no model at {settings.model}: pass --model PATH to a local LLaVA directory")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def _trainer(args: argparse.Namespace) -> None:
+    from service.config import Settings
+    from service.training.worker import run_trainer_process
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_trainer_process(Settings(**overrides), workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,8 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--max-rank", dest="max_rank", type=int)
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per batch (1 = no batching)")
     serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, help="how long a batch waits to fill")
+    serve.add_argument("--redis-url", dest="redis_url", help="queue fine-tunes on Redis for separate trainers")
+    serve.add_argument("--no-embedded-trainer", dest="embedded_trainer", action="store_const", const=False,
+                       help="do not train in the server process (run `python -m service trainer` instead)")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=_serve)
+
+    trainer = sub.add_parser("trainer", help="run a fine-tuning worker (use with SERVICE_REDIS_URL across machines)")
+    trainer.add_argument("--data-dir", dest="data_dir", type=Path)
+    trainer.add_argument("--adapter-dir", dest="adapter_dir", type=Path)
+    trainer.add_argument("--model", type=Path)
+    trainer.add_argument("--redis-url", dest="redis_url")
+    trainer.add_argument("--device")
+    trainer.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    trainer.add_argument("--workers", type=int, default=1, help="jobs trained at once in this process")
+    trainer.add_argument("--log-level", dest="log_level", default="info")
+    trainer.set_defaults(func=_trainer)
     args = parser.parse_args(argv)
     args.func(args)
 

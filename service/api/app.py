@@ -18,10 +18,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
-from service.api.routes import adapters, answer, chat, health, models
+from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
 from service.errors import Overloaded, ServiceError
+from service.training.jobs import JobStore
+from service.training.queue import make_queue
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,12 @@ def create_app(
 
     def load() -> None:
         try:
-            app.state.engine = engine_factory(settings)
+            engine = engine_factory(settings)
+            if settings.embedded_trainer and hasattr(engine, "base"):
+                worker = importlib.import_module("service.training.worker")
+                app.state.consumer = worker.start_embedded_trainer(
+                    engine.base, settings, app.state.jobs, app.state.queue, app.state.finetune_task)
+            app.state.engine = engine
         except Exception as exc:  # reported by /readyz and every request, never a crash
             log.exception("model failed to load")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -56,6 +63,8 @@ def create_app(
         else:
             load()
         yield
+        if app.state.consumer is not None:
+            app.state.consumer.stop(graceful=False)
         if app.state.engine is not None and hasattr(app.state.engine, "close"):
             app.state.engine.close()
 
@@ -63,7 +72,11 @@ def create_app(
     app.state.settings = settings
     app.state.engine = None
     app.state.load_error = None
-    for router in (health.router, answer.router, chat.router, models.router, adapters.router, metrics_route.router):
+    app.state.consumer = None
+    app.state.jobs = JobStore(settings.data_dir / "jobs.db")
+    app.state.queue, app.state.finetune_task = make_queue(settings.data_dir, settings.redis_url)
+    for router in (health.router, answer.router, chat.router, models.router, adapters.router, finetune.router,
+                   metrics_route.router):
         app.include_router(router)
 
     @app.middleware("http")

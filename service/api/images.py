@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, label: str = "image") -> Image.Image:
     if not data:
@@ -20,7 +22,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, label: str = "ima
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Raster formats only: never EPS/PS (which would run Ghostscript) or other exotic decoders.
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(f"{label} is {width}x{height} pixels; the limit is {max_pixels} pixels")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from service.model.base import BaseModel
 from service.model.lora.context import adapter_batch
+from service.model.lora.weights import AdapterWeights
 
 
 class PromptTooLongError(ValueError):
@@ -193,8 +194,12 @@ def generate(
     requests: list[GenerationRequest],
     cache: ImageFeatureCache | None = None,
     timing: BatchTiming | None = None,
+    adapter: AdapterWeights | None = None,
 ) -> list[GenerationResult]:
-    """Answer a batch of requests in one set of forward passes (rows may use different slots)."""
+    """Answer a batch of requests in one set of forward passes (rows may use different slots).
+
+    ``adapter`` applies one (e.g. still training) adapter to every row instead of the slots.
+    """
     if not requests:
         return []
     timing = timing or BatchTiming()
@@ -228,7 +233,7 @@ def generate(
     outputs: list[list[int]] = [[] for _ in requests]
     done = [r.max_new_tokens <= 0 for r in requests]
     finish = ["length"] * batch
-    with adapter_batch(slots):
+    with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(slots):
         out = base.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
