@@ -24,3 +24,19 @@ def tiny_base(tiny_base_dir, caplog):
 
     with caplog.at_level(logging.ERROR):
         return load_base(tiny_base_dir, n_slots=4, max_rank=8)
+
+
+@pytest.fixture(scope="session")
+def learnable_base_dir(tmp_path_factory, tiny_base_dir):
+    """The tiny base with a sharper lm_head: a random model's logits are too flat for any adapter to
+    make an answer likely (see tests/model/test_training.py)."""
+    import torch
+
+    from service.model.base import load_base, save_base
+
+    base = load_base(tiny_base_dir, n_slots=0)
+    with torch.no_grad():
+        base.model.lm_head.weight.mul_(25)
+    out = tmp_path_factory.mktemp("learnable-base")
+    save_base(base, out)
+    return out

@@ -3,7 +3,7 @@
 Usage::
 
     python -m service.demo.train_base --out service/assets/demo-base [--seed 0] \
-        [--vision-steps 600] [--language-steps 900]
+        [--vision-steps 1200 --vision-minutes 11] [--language-steps 500 --language-minutes 13]
 
 Recipe (DESIGN.md section 6 warns that end-to-end training from scratch stays at chance on shape):
 
@@ -230,14 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("service/assets/demo-base"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=12000, help="rendered training images")
-    parser.add_argument("--vision-steps", type=int, default=600)
+    parser.add_argument("--vision-steps", type=int, default=1200)
     parser.add_argument("--vision-batch", type=int, default=64)
-    parser.add_argument("--vision-lr", type=float, default=1e-3)
-    parser.add_argument("--language-steps", type=int, default=900)
+    parser.add_argument("--vision-lr", type=float, default=1.5e-3)
+    parser.add_argument("--language-steps", type=int, default=500)
     parser.add_argument("--language-batch", type=int, default=48)
     parser.add_argument("--language-lr", type=float, default=1e-3)
-    parser.add_argument("--vision-minutes", type=float, default=0.0, help="wall-time cap of stage 1 (0 = none)")
-    parser.add_argument("--language-minutes", type=float, default=0.0, help="wall-time cap of stage 2 (0 = none)")
+    parser.add_argument("--vision-minutes", type=float, default=11.0, help="wall-time cap of stage 1 (0 = none)")
+    parser.add_argument("--language-minutes", type=float, default=13.0, help="wall-time cap of stage 2 (0 = none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out examples per kind (0 = skip)")
     args = parser.parse_args(argv)
@@ -302,9 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "recipe": {
             "command": "python -m service.demo.train_base --out service/assets/demo-base "
-            f"--seed {args.seed} --pool {args.pool} --vision-steps {args.vision_steps} "
-            f"--language-steps {args.language_steps} --vision-minutes {args.vision_minutes} "
-            f"--language-minutes {args.language_minutes}",
+            f"--seed {args.seed} --pool {args.pool} --vision-steps {args.vision_steps} --vision-batch {args.vision_batch} "
+            f"--vision-lr {args.vision_lr} --vision-minutes {args.vision_minutes} "
+            f"--language-steps {args.language_steps} --language-batch {args.language_batch} "
+            f"--language-lr {args.language_lr} --language-minutes {args.language_minutes}",
             "seed": args.seed,
             "pool_images": args.pool,
             "pool_seed": pool_seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 from service.config import Settings
 from service.model.base import BaseModel, load_base
@@ -17,17 +18,32 @@ from service.training.trainer import FinetuneRunner
 log = logging.getLogger(__name__)
 
 
-def recover(jobs: JobStore, task, stale_after_s: float) -> list[str]:
-    """Re-queue jobs whose worker died and make sure every queued job has a queue message.
+def recover(jobs: JobStore, task, stale_after_s: float, all_queued: bool = True) -> list[str]:
+    """Re-queue jobs whose worker died; at start-up also give every queued job a queue message.
 
     A duplicate message is harmless: claiming a job is atomic in the job store.
     """
     requeued = jobs.requeue_stale(stale_after_s)
-    for job_id in jobs.queued_ids():
+    for job_id in jobs.queued_ids() if all_queued else requeued:
         task(job_id)
     if requeued:
         log.warning("re-queued %d job(s) left running by a stopped worker: %s", len(requeued), requeued)
     return requeued
+
+
+def start_janitor(jobs: JobStore, task, stale_after_s: float) -> threading.Event:
+    """Keep recovering: a trainer that dies while others run must not strand its job until a restart."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(max(1.0, stale_after_s / 2)):
+            try:
+                recover(jobs, task, stale_after_s, all_queued=False)
+            except Exception:  # a locked database now and then must not kill the janitor
+                log.exception("job recovery pass failed")
+
+    threading.Thread(target=loop, name="job-janitor", daemon=True).start()
+    return stop
 
 
 def start_embedded_trainer(base: BaseModel, settings: Settings, jobs: JobStore, huey, task):
@@ -35,6 +51,7 @@ def start_embedded_trainer(base: BaseModel, settings: Settings, jobs: JobStore, 
     worker = f"{socket.gethostname()}:{os.getpid()}:embedded"
     runtime.install(FinetuneRunner(base, jobs, AdapterStore(settings.adapter_dir), settings.data_dir, worker))
     recover(jobs, task, settings.job_stale_after_s)
+    start_janitor(jobs, task, settings.job_stale_after_s)
     return start_embedded_consumer(huey)
 
 
@@ -50,5 +67,6 @@ def run_trainer_process(settings: Settings, workers: int = 1) -> None:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     runtime.install(FinetuneRunner(base, jobs, AdapterStore(settings.adapter_dir), settings.data_dir, worker))
     recover(jobs, task, settings.job_stale_after_s)
+    start_janitor(jobs, task, settings.job_stale_after_s)
     log.info("trainer %s consuming %s", worker, "redis" if settings.redis_url else settings.data_dir / "queue.db")
     huey.create_consumer(workers=workers, worker_type="thread", periodic=False).run()

@@ -9,7 +9,6 @@ import time
 import zipfile
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -18,20 +17,6 @@ from service.config import Settings
 from service.training.jobs import JobStore
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-
-
-@pytest.fixture(scope="session")
-def learnable_base_dir(tmp_path_factory, tiny_base_dir):
-    """The tiny base with a sharper lm_head: a random model's logits are too flat for any adapter to
-    make an answer likely (see tests/model/test_training.py)."""
-    from service.model.base import load_base, save_base
-
-    base = load_base(tiny_base_dir, n_slots=0)
-    with torch.no_grad():
-        base.model.lm_head.weight.mul_(25)
-    out = tmp_path_factory.mktemp("learnable-base")
-    save_base(base, out)
-    return out
 
 
 def colour_image(name: str, shade: int) -> bytes:

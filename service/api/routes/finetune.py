@@ -24,7 +24,7 @@ from service.training.jobs import TERMINAL, JobStore
 
 router = APIRouter(tags=["fine-tuning"])
 
-HYPERPARAMETER_FIELDS = set(Hyperparameters.model_fields) - {"target_modules", "checkpoint_every"}
+HYPERPARAMETER_FIELDS = set(Hyperparameters.model_fields) - {"target_modules"}
 
 
 def jobs_of(request: Request) -> JobStore:
