@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--workers", type=int, default=1, help="jobs trained at once in this process")
     trainer.add_argument("--log-level", dest="log_level", default="info")
     trainer.set_defaults(func=_trainer)
+
+    from service import client
+
+    finetune = sub.add_parser("finetune", help="upload a dataset to a running service and fine-tune an adapter")
+    client.add_arguments(finetune)
+    finetune.set_defaults(func=client.main)
     args = parser.parse_args(argv)
     args.func(args)
 

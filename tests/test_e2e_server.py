@@ -142,3 +142,28 @@ def test_concurrent_clients_get_batched(server):
         results = list(pool.map(ask, range(8)))
     assert all("answer" in r for r in results)
     assert max(r["timing_ms"]["batch_size"] for r in results) > 1
+
+
+def test_finetune_cli_uploads_and_follows_the_job(server, tmp_path):
+    from tests.api.test_finetune import colour_zip
+
+    url, _, _ = server
+    dataset = tmp_path / "colours.zip"
+    dataset.write_bytes(colour_zip(2))
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "finetune", str(dataset), "--adapter", "cli-colours", "--url", url, "--wait",
+         "--epochs", "2", "--rank", "4", "--batch-size", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded" and result["result"]["adapter"] == "cli-colours"
+    assert "queued ftjob-" in done.stderr and "step" in done.stderr  # the progress bar
+    answer = httpx.post(url + "/v1/answer?adapter=cli-colours", json={"instruction": "What colour?", "max_new_tokens": 3})
+    assert answer.json()["adapter"]["name"] == "cli-colours"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q"}\n')
+    refused = subprocess.run([sys.executable, "-m", "service", "finetune", str(bad), "--adapter", "x", "--url", url],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "line 1" in refused.stderr
