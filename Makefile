@@ -30,3 +30,7 @@ clean:
 .PHONY: serve
 serve: venv
 	$(PY) -m service serve
+
+.PHONY: demo
+demo: venv
+	$(PY) -m service.demo.story
