@@ -129,3 +129,45 @@ def test_too_many_uploaded_images(client):
     files = [("image", (f"{i}.png", png(), "image/png")) for i in range(5)]
     r = client.post("/v1/answer", data={"instruction": "hi"}, files=files)
     assert r.status_code in (400, 413) and "error" in r.json()
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_base_dir, tmp_path):
+    import threading
+    import time
+
+    settings = Settings(model=tiny_base_dir, adapter_dir=tmp_path / "a", data_dir=tmp_path / "d",
+                        max_queue=1, max_batch_size=1, embedded_trainer=False)
+    with TestClient(create_app(settings, load_in_background=False)) as client:
+        engine = client.app.state.engine
+        gate, original = threading.Event(), engine._execute
+
+        def held(batch):
+            gate.wait(30)
+            original(batch)
+
+        engine._execute = held
+        body = {"instruction": "hi", "max_new_tokens": 2}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(client.post("/v1/answer", json=body))) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.4)  # the first is taken by the (held) worker, the second fills the queue
+        refused = client.post("/v1/answer", json=body)
+        gate.set()
+        for t in threads:
+            t.join()
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert [r.status_code for r in results] == [200, 200]
+
+
+def test_image_over_the_byte_cap_is_413(tiny_base_dir, tmp_path):
+    settings = Settings(model=tiny_base_dir, adapter_dir=tmp_path / "a", data_dir=tmp_path / "d",
+                        max_image_bytes=2048, embedded_trainer=False)
+    noisy = Image.effect_noise((64, 64), 64).convert("RGB")
+    buf = io.BytesIO()
+    noisy.save(buf, format="PNG")
+    assert len(buf.getvalue()) > 2048
+    with TestClient(create_app(settings, load_in_background=False)) as client:
+        r = client.post("/v1/answer", data={"instruction": "hi"}, files={"image": ("n.png", buf.getvalue(), "image/png")})
+        assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]

@@ -188,3 +188,18 @@ def test_events_stream_as_server_sent_events(tiny_base_dir, tmp_path):
         with client.stream("GET", f"/v1/finetune/{job['id']}/events?stream=true") as r:
             body = "".join(r.iter_text())
         assert "event: done" in body and '"status": "succeeded"' in body
+
+
+def test_a_job_that_breaks_fails_with_a_code_and_message(tiny_base_dir, tmp_path):
+    import shutil as _shutil
+
+    with make_client(tiny_base_dir, tmp_path, embedded_trainer=False) as client:
+        job = client.post("/v1/finetune", data={"adapter": "f", **HYPER},
+                          files={"dataset": ("f.zip", colour_zip(2), "application/zip")}).json()
+    jobs = JobStore(tmp_path / "data" / "jobs.db")
+    _shutil.rmtree(jobs.internal(job["id"])["dataset"])  # e.g. the shared volume lost it
+    with make_client(tiny_base_dir, tmp_path) as client:
+        done = wait_for(client, job["id"])
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "training_error" and done["error"]["message"]
+        assert client.get("/v1/adapters/f").status_code == 404

@@ -1,0 +1,71 @@
+"""The evaluator's metric functions on hand-made records and answers (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.demo.evaluate import general_metrics, inspection_metrics
+
+
+def _general(qtype: str, answer: str) -> dict:
+    return {"question_type": qtype, "answer": answer}
+
+
+def _inspection(answer: str, size: str | None = None) -> dict:
+    return {"question_type": "inspection", "answer": answer, "meta": {"size_class": size}}
+
+
+def test_general_metrics_per_type_and_tolerant_matching():
+    records = [
+        _general("part", "hex nut"),
+        _general("part", "washer"),
+        _general("colour", "red"),
+        _general("count", "3"),
+        _general("position", "top-left"),
+    ]
+    predictions = ["Hex  nut.", "gear", "red", "3", "top left"]
+    result = general_metrics(records, predictions)
+    assert result["n"] == 5
+    assert result["accuracy"] == pytest.approx(3 / 5, abs=1e-4)
+    assert result["per_type"]["part"] == {"accuracy": 0.5, "n": 2}
+    assert result["per_type"]["colour"]["accuracy"] == 1.0
+    assert result["per_type"]["count"]["accuracy"] == 1.0
+    assert result["per_type"]["position"]["accuracy"] == 0.0  # "top left" is not the answer format
+
+
+def test_general_metrics_rejects_length_mismatch():
+    with pytest.raises(ValueError):
+        general_metrics([_general("part", "plate")], [])
+
+
+def test_inspection_metrics_fields_exact_match_and_size_split():
+    records = [
+        _inspection("defect: scratch, top-left", "tiny"),
+        _inspection("defect: crack, centre", "large"),
+        _inspection("defect: missing_hole, right", "tiny"),
+        _inspection("ok"),
+        _inspection("ok"),
+    ]
+    predictions = [
+        "defect: scratch, top-left",  # exact
+        "defect: chip, centre",  # right call and location, wrong type
+        "ok",  # missed
+        "ok",  # exact
+        "something else",  # unparsable: wrong
+    ]
+    result = inspection_metrics(records, predictions)
+    assert result["n"] == 5 and result["n_defective"] == 3
+    assert result["defective_accuracy"] == pytest.approx(3 / 5, abs=1e-4)
+    assert result["type_accuracy"] == pytest.approx(1 / 3, abs=1e-4)
+    assert result["location_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert result["exact_match"] == pytest.approx(2 / 5, abs=1e-4)
+    tiny, large, ok = result["by_size"]["tiny"], result["by_size"]["large"], result["by_size"]["ok"]
+    assert tiny["n"] == 2 and tiny["exact_match"] == 0.5 and tiny["defective_accuracy"] == 0.5
+    assert large["n"] == 1 and large["type_accuracy"] == 0.0 and large["location_accuracy"] == 1.0
+    assert ok["n"] == 2 and ok["exact_match"] == 0.5 and ok["type_accuracy"] is None
+
+
+def test_inspection_metrics_accept_tolerant_spellings():
+    records = [_inspection("defect: missing_hole, centre", "large")]
+    result = inspection_metrics(records, ["Defect: missing hole, center."])
+    assert result["exact_match"] == 1.0
