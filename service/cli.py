@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 
@@ -15,6 +16,10 @@ def _serve(args: argparse.Namespace) -> None:
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
+    try:
+        settings.check_safe_to_serve()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if not Path(settings.model, "config.json").is_file():
         raise SystemExit(f"no model at {settings.model}: pass --model PATH to a local LLaVA directory")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -28,6 +33,35 @@ def _trainer(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_trainer_process(Settings(**overrides), workers=args.workers)
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from service.api.auth import KeyFile
+    from service.config import Settings
+
+    path = args.file or Settings().api_keys_file
+    if path is None:
+        raise SystemExit("no keys file: pass --file PATH or set SERVICE_API_KEYS_FILE")
+    keys = KeyFile.load(path)
+    if args.action in ("add", "revoke") and not args.name:
+        raise SystemExit(f"keys {args.action} needs --name")
+    try:
+        if args.action == "add":
+            scopes = [s.strip() for s in args.scope.split(",") if s.strip()]
+            adapters = [a.strip() for a in args.adapters.split(",")] if args.adapters else None
+            secret = keys.add(args.name, scopes, adapters)
+            keys.save()
+            print(secret)
+            print(f"key {args.name!r} ({', '.join(scopes)}) added to {path}; the key is shown only now", file=sys.stderr)
+        elif args.action == "revoke":
+            keys.revoke(args.name)
+            keys.save()
+            print(f"key {args.name!r} revoked", file=sys.stderr)
+        else:
+            for k in keys.keys:
+                print(f"{k['name']}\t{','.join(k['scopes'])}\t{','.join(k['adapters'] or ['*'])}")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--redis-url", dest="redis_url", help="queue fine-tunes on Redis for separate trainers")
     serve.add_argument("--no-embedded-trainer", dest="embedded_trainer", action="store_const", const=False,
                        help="do not train in the server process (run `python -m service trainer` instead)")
+    serve.add_argument("--api-keys-file", dest="api_keys_file", type=Path, help="JSON file of hashed API keys")
+    serve.add_argument("--insecure", action="store_const", const=True, help="allow a public bind without API keys")
+    serve.add_argument("--rate-limit-per-minute", dest="rate_limit_per_minute", type=int, help="per API key")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=_serve)
 
@@ -61,6 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--workers", type=int, default=1, help="jobs trained at once in this process")
     trainer.add_argument("--log-level", dest="log_level", default="info")
     trainer.set_defaults(func=_trainer)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed in SERVICE_API_KEYS_FILE)")
+    keys.add_argument("action", choices=["add", "list", "revoke"])
+    keys.add_argument("--name", help="key name (add, revoke)")
+    keys.add_argument("--scope", default="infer", help="comma-separated: infer, admin")
+    keys.add_argument("--adapters", help="comma-separated adapter names this key may use (default: all)")
+    keys.add_argument("--file", type=Path, help="keys file (default: SERVICE_API_KEYS_FILE)")
+    keys.set_defaults(func=_keys)
 
     from service import client
 

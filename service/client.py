@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,21 +17,29 @@ HYPERPARAMETERS = ("method", "rank", "alpha", "epochs", "learning_rate", "batch_
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def submit(url: str, adapter: str, dataset: Path, hyperparameters: dict, timeout: float = 600) -> dict:
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def submit(url: str, adapter: str, dataset: Path, hyperparameters: dict, timeout: float = 600,
+           api_key: str | None = None) -> dict:
     with dataset.open("rb") as f:
         r = httpx.post(f"{url}/v1/finetune", data={"adapter": adapter, **{k: str(v) for k, v in hyperparameters.items()}},
-                       files={"dataset": (dataset.name, f)}, timeout=timeout)
+                       files={"dataset": (dataset.name, f)}, timeout=timeout, headers=_headers(api_key))
     if r.status_code != 202:
         raise SystemExit(f"refused ({r.status_code}): {_message(r)}")
     return r.json()
 
 
-def follow(url: str, job_id: str, poll_s: float = 1.0, show: bool = True) -> dict:
+def follow(url: str, job_id: str, poll_s: float = 1.0, show: bool = True, api_key: str | None = None) -> dict:
     """Poll the job until it ends, drawing its step progress; returns the final job."""
     bar = None
     try:
         while True:
-            job = httpx.get(f"{url}/v1/finetune/{job_id}", timeout=30).json()
+            response = httpx.get(f"{url}/v1/finetune/{job_id}", timeout=30, headers=_headers(api_key))
+            if response.status_code != 200:
+                raise SystemExit(f"cannot read job {job_id} ({response.status_code}): {_message(response)}")
+            job = response.json()
             progress = job.get("progress") or {}
             if show and progress.get("total_steps"):
                 if bar is None:
@@ -60,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter name to publish a new version of")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
     parser.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    parser.add_argument("--api-key", default=os.environ.get("SERVICE_API_KEY"), help="admin key (env SERVICE_API_KEY)")
     for name in HYPERPARAMETERS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
 
@@ -68,12 +78,12 @@ def main(args: argparse.Namespace) -> None:
     if not args.dataset.is_file():
         raise SystemExit(f"{args.dataset}: no such file")
     hyperparameters = {k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None}
-    job = submit(args.url.rstrip("/"), args.adapter, args.dataset, hyperparameters)
+    job = submit(args.url.rstrip("/"), args.adapter, args.dataset, hyperparameters, api_key=args.api_key)
     print(f"queued {job['id']} for adapter {job['adapter']!r} ({job['n_examples']} examples)", file=sys.stderr)
     if not args.wait:
         print(json.dumps(job, indent=2))
         return
-    job = follow(args.url.rstrip("/"), job["id"])
+    job = follow(args.url.rstrip("/"), job["id"], api_key=args.api_key)
     print(json.dumps({k: job[k] for k in ("id", "status", "result", "metrics", "error")}, indent=2))
     if job["status"] != "succeeded":
         raise SystemExit(1)

@@ -38,6 +38,20 @@ class Settings(BaseSettings):
     job_stale_after_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="dataset upload size cap")
     max_examples: int = Field(20_000, ge=1, description="examples per fine-tuning dataset")
+    api_keys_file: Path | None = Field(None, description="JSON file of hashed API keys; unset = no auth (loopback only)")
+    insecure: bool = Field(False, description="allow binding a non-loopback address without API keys")
+    rate_limit_per_minute: int = Field(0, ge=0, description="requests a minute per API key (0 = unlimited)")
+
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    def check_safe_to_serve(self) -> None:
+        """Refuse to expose an unauthenticated server beyond this machine unless told to."""
+        if not self.is_loopback() and self.api_keys_file is None and not self.insecure:
+            raise ValueError(
+                f"refusing to bind {self.host} without API keys: set SERVICE_API_KEYS_FILE "
+                "(create keys with `python -m service keys add`) or SERVICE_INSECURE=true"
+            )
 
     @field_validator("device")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -12,16 +13,17 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
+from service.api.auth import Authenticator, Unauthorized, require, require_read_or_write
 from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
-from service.errors import Overloaded, ServiceError
+from service.errors import ServiceError
 from service.training.jobs import JobStore
 from service.training.queue import make_queue
 
@@ -75,9 +77,15 @@ def create_app(
     app.state.consumer = None
     app.state.jobs = JobStore(settings.data_dir / "jobs.db")
     app.state.queue, app.state.finetune_task = make_queue(settings.data_dir, settings.redis_url)
-    for router in (health.router, answer.router, chat.router, models.router, adapters.router, finetune.router,
-                   metrics_route.router):
-        app.include_router(router)
+    app.state.auth = Authenticator(settings.api_keys_file, settings.rate_limit_per_minute)
+    infer, admin = [Depends(require("infer"))], [Depends(require("admin"))]
+    app.include_router(health.router)
+    app.include_router(metrics_route.router)
+    app.include_router(answer.router, dependencies=infer)
+    app.include_router(chat.router, dependencies=infer)
+    app.include_router(models.router, dependencies=infer)
+    app.include_router(adapters.router, dependencies=[Depends(require_read_or_write("infer", "admin"))])
+    app.include_router(finetune.router, dependencies=admin)
 
     @app.middleware("http")
     async def request_log(request: Request, call_next):
@@ -98,8 +106,11 @@ def create_app(
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         response = _error(exc.status, exc.code, exc.message)
-        if isinstance(exc, Overloaded):
-            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.exception_handler(RequestValidationError)

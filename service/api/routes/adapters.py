@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.api.auth import check_adapter
 from service.api.deps import EngineDep, SettingsDep
 from service.api.schemas import ErrorResponse
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -290,6 +291,7 @@ async def import_adapter(request: Request, settings: SettingsDep, engine: Engine
         if not isinstance(name, str) or not name.strip():
             raise InvalidInput("name: a form field naming the adapter is required")
         name = validate_name(name.strip())
+        check_adapter(request, name)
         promote = form.get("promote")
         make_live = _flag(promote if isinstance(promote, str) else None, "promote", default=True)
         upload = form.get("archive")
@@ -335,6 +337,7 @@ def promote_adapter(request: Request, name: str, body: PromoteRequest) -> dict:
     name, version = _name_and_version(name)
     if version is not None:
         raise InvalidAdapterName("promote takes the adapter name in the path and the version in the body")
+    check_adapter(request, name)
     return get_store(request).promote(name, body.version)
 
 
@@ -342,4 +345,5 @@ def promote_adapter(request: Request, name: str, body: PromoteRequest) -> dict:
 def delete_adapter(request: Request, name: str) -> dict:
     """``DELETE /v1/adapters/name`` removes every version; ``name@3`` removes one (not the live one)."""
     name, version = _name_and_version(name)
+    check_adapter(request, name)
     return get_store(request).delete(name, version)

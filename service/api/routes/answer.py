@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service.api.auth import check_adapter
 from service.api.deps import EngineDep, SettingsDep
 from service.api.images import decode_base64_image, decode_image
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
@@ -85,6 +86,7 @@ async def answer(
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
     )
+    check_adapter(request, job.adapter)
     if not body.stream:
         row = await submit(engine, job)
         return await wait_for_row(request, row, settings.request_timeout_s)

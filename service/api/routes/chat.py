@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.api.auth import check_adapter
 from service.api.deps import EngineDep, SettingsDep
 from service.api.images import decode_base64_image
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
@@ -106,6 +107,7 @@ async def chat_completions(request: Request, settings: SettingsDep, engine: Engi
         first = exc.errors()[0]
         raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
     job = _to_job(body, engine, settings)
+    check_adapter(request, job.adapter)
     created = int(time.time())
 
     if not body.stream:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.api.auth import check_adapter
 from service.api.deps import SettingsDep
 from service.api.rows import sse
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -54,6 +55,7 @@ async def create_job(request: Request, settings: SettingsDep) -> dict:
     if not isinstance(name, str) or not name:
         raise InvalidInput("adapter: a name is required")
     validate_name(name)
+    check_adapter(request, name)
     fields = {k: v for k, v in form.items() if k in HYPERPARAMETER_FIELDS and isinstance(v, str)}
     unknown = sorted(k for k in form if k not in HYPERPARAMETER_FIELDS | {"adapter", "dataset"})
     if unknown:
