@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="waiting requests before answering 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's limit, queueing included")
     redis_url: str | None = Field(None, description="Redis queue for trainers on other machines (default: SQLite)")
+    database_url: str | None = Field(
+        None, description="job records: postgresql://... shared by API replicas (default: SQLite in the data dir)"
+    )
     embedded_trainer: bool = Field(True, description="train queued jobs inside the server process")
     job_stale_after_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="dataset upload size cap")

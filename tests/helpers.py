@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import torch
@@ -31,3 +32,9 @@ def publish_random_adapter(base, store: Path, name: str, version: int, seed: int
     if live:
         (store / name / "live").write_text(f"{version}\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import png, publish_random_adapter
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, png, publish_random_adapter
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
 from service.errors import ServiceError
-from service.training.jobs import JobStore
+from service.training.jobs import JobStore, database_url
 from service.training.queue import make_queue
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def create_app(
     app.state.engine = None
     app.state.load_error = None
     app.state.consumer = None
-    app.state.jobs = JobStore(settings.data_dir / "jobs.db")
+    app.state.jobs = JobStore(database_url(settings.data_dir, settings.database_url))
     app.state.queue, app.state.finetune_task = make_queue(settings.data_dir, settings.redis_url)
     app.state.auth = Authenticator(settings.api_keys_file, settings.rate_limit_per_minute)
     infer, admin = [Depends(require("infer"))], [Depends(require("admin"))]

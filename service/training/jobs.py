@@ -1,104 +1,134 @@
-"""Fine-tuning job records and their events, in SQLite (no torch).
+"""Fine-tuning job records and their events, in SQLite (default) or PostgreSQL (no torch).
 
 Field names follow the OpenAI fine-tuning job where they fit. Status moves
 ``queued → running → succeeded | failed | cancelled``; a job left ``running`` by a process that died
-(stale heartbeat) is re-queued on start-up and resumes from its last checkpoint.
+(stale heartbeat) is re-queued and resumes from its last checkpoint.
+
+One code path (SQLAlchemy Core) serves both backends: SQLite in the data directory for one
+machine, PostgreSQL (``SERVICE_DATABASE_URL``) when several API replicas share the records.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, RowMapping
+
 from service.errors import NotFound, ServiceError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    adapter TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    heartbeat_at REAL,
-    hyperparameters TEXT NOT NULL,
-    progress TEXT NOT NULL DEFAULT '{}',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    result TEXT,
-    error TEXT,
-    dataset TEXT NOT NULL,
-    n_examples INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_seq ON jobs(seq);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    level TEXT NOT NULL,
-    message TEXT NOT NULL,
-    data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
-"""
+metadata = MetaData()
+jobs_table = Table(
+    "ft_jobs", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("adapter", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("heartbeat_at", Float),
+    Column("hyperparameters", Text, nullable=False),
+    Column("progress", Text, nullable=False, default="{}"),
+    Column("metrics", Text, nullable=False, default="{}"),
+    Column("result", Text),
+    Column("error", Text),
+    Column("dataset", Text, nullable=False),
+    Column("n_examples", Integer, nullable=False, default=0),
+    Column("cancel_requested", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(255)),
+)
+Index("ft_jobs_status", jobs_table.c.status)
+events_table = Table(
+    "ft_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", Text),
+)
+Index("ft_events_job", events_table.c.job_id, events_table.c.id)
 
 
 class JobConflict(ServiceError):
     status, code = 409, "conflict"
 
 
+def database_url(data_dir: Path, url: str | None) -> str:
+    return url or f"sqlite:///{Path(data_dir) / 'jobs.db'}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:  # noqa: ANN001 - DBAPI callback
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
 class JobStore:
-    """Thread- and process-safe job records on one SQLite file (WAL mode)."""
+    """Job records shared by threads, processes and (with PostgreSQL) machines."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._conn() as conn:
-            conn.executescript(_SCHEMA)
+    def __init__(self, path_or_url: Path | str):
+        url = str(path_or_url)
+        if "://" not in url:
+            url = f"sqlite:///{Path(url)}"
+        self.url = url
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
+    @property
+    def path(self) -> str:
+        return self.url
 
     # -- records ---------------------------------------------------------------------------
     def create(self, adapter: str, hyperparameters: dict, dataset: str, n_examples: int) -> dict:
         job_id = "ftjob-" + uuid.uuid4().hex[:20]
-        now = time.time()
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            conn.execute(
-                "INSERT INTO jobs (id, seq, status, adapter, created_at, hyperparameters, dataset, n_examples)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, seq, adapter, now, json.dumps(hyperparameters), dataset, n_examples),
-            )
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
+        with self.engine.begin() as conn:
+            conn.execute(insert(jobs_table).values(
+                id=job_id, status="queued", adapter=adapter, created_at=time.time(),
+                hyperparameters=json.dumps(hyperparameters), dataset=dataset, n_examples=n_examples,
+                progress="{}", metrics="{}", cancel_requested=0, attempts=0,
+            ))
         self.add_event(job_id, "info", f"job created for adapter {adapter!r} with {n_examples} examples")
         return self.get(job_id)
 
-    def _row(self, job_id: str) -> sqlite3.Row:
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    def _row(self, job_id: str) -> RowMapping:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
         if row is None:
             raise NotFound(f"unknown fine-tuning job {job_id!r}")
         return row
@@ -110,20 +140,20 @@ class JobStore:
         """The record with the worker-only fields (dataset path, attempts, cancel flag)."""
         row = self._row(job_id)
         return {**self._public(row), "dataset": row["dataset"], "attempts": row["attempts"],
-                "cancel_requested": bool(row["cancel_requested"]), "heartbeat_at": row["heartbeat_at"]}
+                "cancel_requested": bool(row["cancel_requested"]), "heartbeat_at": row["heartbeat_at"],
+                "worker": row["worker"]}
 
     def list(self, limit: int = 20, after: str | None = None) -> tuple[list[dict], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page."""
-        conn = self._conn()
+        query = select(jobs_table).order_by(jobs_table.c.seq.desc()).limit(limit + 1)
         if after:
-            seq = self._row(after)["seq"]
-            rows = conn.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (seq, limit + 1)).fetchall()
-        else:
-            rows = conn.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
+            query = query.where(jobs_table.c.seq < self._row(after)["seq"])
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
         return [self._public(r) for r in rows[:limit]], len(rows) > limit
 
     @staticmethod
-    def _public(row: sqlite3.Row) -> dict[str, Any]:
+    def _public(row: RowMapping) -> dict[str, Any]:
         def load(value):
             return json.loads(value) if value else None
 
@@ -143,85 +173,87 @@ class JobStore:
             "error": load(row["error"]),
         }
 
+    def _update(self, where, **values) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(update(jobs_table).where(*where).values(**values)).rowcount
+
     # -- transitions -----------------------------------------------------------------------
     def claim(self, job_id: str, worker: str) -> bool:
-        """queued → running for exactly one worker."""
+        """queued → running for exactly one worker (a conditional UPDATE: atomic on both backends)."""
         now = time.time()
-        cur = self._conn().execute(
-            "UPDATE jobs SET status='running', started_at=COALESCE(started_at, ?), heartbeat_at=?, worker=?,"
-            " attempts=attempts+1 WHERE id=? AND status='queued' AND cancel_requested=0",
-            (now, now, worker, job_id),
-        )
-        return cur.rowcount == 1
+        c = jobs_table.c
+        return self._update(
+            (c.id == job_id, c.status == "queued", c.cancel_requested == 0),
+            status="running", started_at=func.coalesce(c.started_at, now), heartbeat_at=now, worker=worker,
+            attempts=c.attempts + 1,
+        ) == 1
 
     def heartbeat(self, job_id: str, progress: dict | None = None, metrics: dict | None = None) -> bool:
-        """Record progress; returns False if the job was asked to cancel."""
-        sets, args = ["heartbeat_at=?"], [time.time()]
+        """Record liveness (and progress); returns False if the job was asked to cancel."""
+        values: dict[str, Any] = {"heartbeat_at": time.time()}
         if progress is not None:
-            sets.append("progress=?")
-            args.append(json.dumps(progress))
+            values["progress"] = json.dumps(progress)
         if metrics is not None:
-            sets.append("metrics=?")
-            args.append(json.dumps(metrics))
-        conn = self._conn()
-        conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*args, job_id))
-        return not conn.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+            values["metrics"] = json.dumps(metrics)
+        self._update((jobs_table.c.id == job_id,), **values)
+        return not self._row(job_id)["cancel_requested"]
 
     def finish(self, job_id: str, status: str, result: dict | None = None, error: dict | None = None,
                metrics: dict | None = None) -> None:
         assert status in TERMINAL
-        sets = "status=?, finished_at=?, result=?, error=?" + (", metrics=?" if metrics is not None else "")
-        args = [status, time.time(), json.dumps(result) if result else None, json.dumps(error) if error else None]
+        values: dict[str, Any] = {"status": status, "finished_at": time.time(),
+                                  "result": json.dumps(result) if result else None,
+                                  "error": json.dumps(error) if error else None}
         if metrics is not None:
-            args.append(json.dumps(metrics))
-        self._conn().execute(f"UPDATE jobs SET {sets} WHERE id=?", (*args, job_id))
+            values["metrics"] = json.dumps(metrics)
+        self._update((jobs_table.c.id == job_id,), **values)
 
     def cancel(self, job_id: str) -> dict:
         """Queued jobs are cancelled at once; running ones stop at their next step."""
         job = self.get(job_id)
         if job["status"] in TERMINAL:
             raise JobConflict(f"job {job_id} is already {job['status']}")
-        conn = self._conn()
-        conn.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
-        cur = conn.execute(
-            "UPDATE jobs SET status='cancelled', finished_at=? WHERE id=? AND status='queued'", (time.time(), job_id)
-        )
-        self.add_event(job_id, "info", "cancelled" if cur.rowcount else "cancellation requested")
+        c = jobs_table.c
+        self._update((c.id == job_id,), cancel_requested=1)
+        done = self._update((c.id == job_id, c.status == "queued"), status="cancelled", finished_at=time.time())
+        self.add_event(job_id, "info", "cancelled" if done else "cancellation requested")
         return self.get(job_id)
 
     def requeue_stale(self, stale_after_s: float) -> list[str]:
         """Jobs left running by a dead worker go back to the queue (they resume from a checkpoint)."""
         limit = time.time() - stale_after_s
-        conn = self._conn()
-        rows = conn.execute(
-            "SELECT id FROM jobs WHERE status='running' AND (heartbeat_at IS NULL OR heartbeat_at < ?)", (limit,)
-        ).fetchall()
+        c = jobs_table.c
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(c.id).where(c.status == "running", c.heartbeat_at < limit))]
         requeued = []
-        for row in rows:
-            cur = conn.execute(
-                "UPDATE jobs SET status='queued', worker=NULL WHERE id=? AND status='running' AND heartbeat_at < ?",
-                (row["id"], limit),
-            )
-            if cur.rowcount:
-                self.add_event(row["id"], "warning", "worker stopped responding; job re-queued to resume from its last checkpoint")
-                requeued.append(row["id"])
+        for job_id in ids:
+            if self._update((c.id == job_id, c.status == "running", c.heartbeat_at < limit), status="queued", worker=None):
+                self.add_event(job_id, "warning", "worker stopped responding; job re-queued to resume from its last checkpoint")
+                requeued.append(job_id)
         return requeued
 
     def queued_ids(self) -> list[str]:
-        return [r["id"] for r in self._conn().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]
+        c = jobs_table.c
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(c.id).where(c.status == "queued").order_by(c.seq))]
+
+    def age_heartbeat(self, job_id: str, seconds: float) -> None:
+        """Make a job look stale (tests and operators simulating a dead worker)."""
+        self._update((jobs_table.c.id == job_id,), heartbeat_at=jobs_table.c.heartbeat_at - seconds)
 
     # -- events ----------------------------------------------------------------------------
     def add_event(self, job_id: str, level: str, message: str, data: dict | None = None) -> None:
-        self._conn().execute(
-            "INSERT INTO events (job_id, created_at, level, message, data) VALUES (?, ?, ?, ?, ?)",
-            (job_id, time.time(), level, message, json.dumps(data) if data else None),
-        )
+        with self.engine.begin() as conn:
+            conn.execute(insert(events_table).values(job_id=job_id, created_at=time.time(), level=level,
+                                                     message=message, data=json.dumps(data) if data else None))
 
     def events(self, job_id: str, after: int = 0, limit: int = 200) -> list[dict]:
         self._row(job_id)
-        rows = self._conn().execute(
-            "SELECT * FROM events WHERE job_id=? AND id>? ORDER BY id LIMIT ?", (job_id, after, limit)
-        ).fetchall()
+        e = events_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(events_table).where(e.job_id == job_id, e.id > after).order_by(e.id).limit(limit)
+            ).mappings().all()
         return [
             {"id": r["id"], "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
              "message": r["message"], "data": json.loads(r["data"]) if r["data"] else None}

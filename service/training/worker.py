@@ -11,7 +11,7 @@ from service.config import Settings
 from service.model.base import BaseModel, load_base
 from service.registry.store import AdapterStore
 from service.training import runtime
-from service.training.jobs import JobStore
+from service.training.jobs import JobStore, database_url
 from service.training.queue import make_queue, start_embedded_consumer
 from service.training.trainer import FinetuneRunner
 
@@ -62,7 +62,7 @@ def run_trainer_process(settings: Settings, workers: int = 1) -> None:
     device = pick_device(settings.device)
     base = load_base(settings.model, device=device, dtype=pick_dtype(settings.dtype, device),
                      n_slots=1, max_rank=settings.max_rank)
-    jobs = JobStore(settings.data_dir / "jobs.db")
+    jobs = JobStore(database_url(settings.data_dir, settings.database_url))
     huey, task = make_queue(settings.data_dir, settings.redis_url)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     runtime.install(FinetuneRunner(base, jobs, AdapterStore(settings.adapter_dir), settings.data_dir, worker))

@@ -171,7 +171,7 @@ def test_a_job_left_running_by_a_dead_process_is_resumed_on_restart(tiny_base_di
                           files={"dataset": ("r.zip", colour_zip(2), "application/zip")}).json()
     jobs = JobStore(tmp_path / "data" / "jobs.db")
     assert jobs.claim(job["id"], "a-worker-that-died")
-    jobs._conn().execute("UPDATE jobs SET heartbeat_at = heartbeat_at - 3600 WHERE id = ?", (job["id"],))
+    jobs.age_heartbeat(job["id"], 3600)
 
     with make_client(tiny_base_dir, tmp_path) as client:  # the restart
         done = wait_for(client, job["id"])

@@ -11,9 +11,15 @@ from service.errors import NotFound
 from service.training.jobs import JobConflict, JobStore
 
 
-@pytest.fixture()
-def jobs(tmp_path):
-    return JobStore(tmp_path / "jobs.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def jobs(request, tmp_path):
+    """The same tests on both backends; each PostgreSQL run starts from empty tables."""
+    if request.param == "sqlite":
+        return JobStore(tmp_path / "jobs.db")
+    store = JobStore(request.getfixturevalue("postgres_url"))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("TRUNCATE ft_jobs, ft_events RESTART IDENTITY")
+    return store
 
 
 def new(jobs, name="a"):
