@@ -38,6 +38,7 @@ class Settings(BaseSettings):
         None, description="job records: postgresql://... shared by API replicas (default: SQLite in the data dir)"
     )
     embedded_trainer: bool = Field(True, description="train queued jobs inside the server process")
+    max_concurrent_jobs: int = Field(1, ge=1, le=16, description="jobs the embedded trainer runs at once")
     job_stale_after_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="dataset upload size cap")
     max_examples: int = Field(20_000, ge=1, description="examples per fine-tuning dataset")

@@ -4,34 +4,14 @@ queue, PostgreSQL job records and shared adapter/data directories, plus one trai
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-import time
 import zipfile
 
 import httpx
-import pytest
 import torch
 
 from service.model.lora import AdapterConfig, save_adapter
 from tests.api.test_finetune import HYPER, colour_zip
-from tests.helpers import free_port
-
-
-def start(args, env):
-    return subprocess.Popen([sys.executable, "-m", "service", *args], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def until(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
+from tests.helpers import free_port, is_ready, start_service, stop_all, wait_until
 
 
 def adapter_zip(base, tmp_path) -> bytes:
@@ -54,18 +34,12 @@ def test_two_replicas_share_adapters_and_jobs(learnable_base_dir, redis_url, pos
            "SERVICE_ADAPTER_DIR": str(tmp_path / "adapters"), "SERVICE_REDIS_URL": redis_url,
            "SERVICE_DATABASE_URL": postgres_url, "SERVICE_MAX_RANK": "16", "SERVICE_EMBEDDED_TRAINER": "false"}
     ports = [free_port(), free_port()]
-    procs = [start(["serve", "--port", str(p), "--log-level", "warning"], env) for p in ports]
-    procs.append(start(["trainer", "--log-level", "warning"], env))
+    procs = [start_service(["serve", "--port", str(p), "--log-level", "warning"], env) for p in ports]
+    procs.append(start_service(["trainer", "--log-level", "warning"], env))
     a, b = (f"http://127.0.0.1:{p}" for p in ports)
     try:
         for url in (a, b):
-            def ready(url=url):
-                try:
-                    return httpx.get(url + "/readyz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            until(ready, 90, f"{url} ready")
+            wait_until(lambda url=url: is_ready(url), 90, f"{url} ready")
 
         # An adapter imported through replica A is served by replica B.
         from service.model.base import load_base
@@ -85,7 +59,7 @@ def test_two_replicas_share_adapters_and_jobs(learnable_base_dir, redis_url, pos
         job_id = r.json()["id"]
         assert httpx.get(f"{b}/v1/finetune/{job_id}").status_code == 200
         assert job_id in [j["id"] for j in httpx.get(b + "/v1/finetune").json()["data"]]
-        done = until(lambda: (j := httpx.get(f"{b}/v1/finetune/{job_id}").json())["status"] in
+        done = wait_until(lambda: (j := httpx.get(f"{b}/v1/finetune/{job_id}").json())["status"] in
                      ("succeeded", "failed", "cancelled") and j, 180, "the job")
         assert done["status"] == "succeeded", done
         served = httpx.post(b + "/v1/answer?adapter=colours", json={"instruction": "What colour?", "max_new_tokens": 3})
@@ -93,10 +67,4 @@ def test_two_replicas_share_adapters_and_jobs(learnable_base_dir, redis_url, pos
         cancel_from_b = httpx.post(f"{b}/v1/finetune/{job_id}/cancel")
         assert cancel_from_b.status_code == 409  # B sees A's job as finished
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)

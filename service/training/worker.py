@@ -52,7 +52,7 @@ def start_embedded_trainer(base: BaseModel, settings: Settings, jobs: JobStore, 
     runtime.install(FinetuneRunner(base, jobs, AdapterStore(settings.adapter_dir), settings.data_dir, worker))
     recover(jobs, task, settings.job_stale_after_s)
     start_janitor(jobs, task, settings.job_stale_after_s)
-    return start_embedded_consumer(huey)
+    return start_embedded_consumer(huey, workers=settings.max_concurrent_jobs)
 
 
 def run_trainer_process(settings: Settings, workers: int = 1) -> None:

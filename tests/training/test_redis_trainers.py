@@ -9,30 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
-import pytest
 
 from tests.api.test_finetune import HYPER, colour_zip
-from tests.helpers import free_port
-
-
-def start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service", *args], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+from tests.helpers import free_port, is_ready, start_service, stop_all, wait_until
 
 
 def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(learnable_base_dir, redis_url, tmp_path):
@@ -41,17 +22,11 @@ def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(lea
            "SERVICE_MAX_RANK": "16", "SERVICE_JOB_STALE_AFTER_S": "3"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    procs = [start(["serve", "--port", str(port), "--no-embedded-trainer", "--log-level", "warning"], env)]
-    trainers = [start(["trainer", "--log-level", "warning"], env) for _ in range(2)]
+    procs = [start_service(["serve", "--port", str(port), "--no-embedded-trainer", "--log-level", "warning"], env)]
+    trainers = [start_service(["trainer", "--log-level", "warning"], env) for _ in range(2)]
     procs += trainers
     try:
-        def ready():
-            try:
-                return httpx.get(url + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait(ready, 90, "the API")
+        wait_until(lambda: is_ready(url), 90, "the API")
         form = {"adapter": "shared", **HYPER, "epochs": "60", "batch_size": "1", "checkpoint_every": "10"}
         ids = []
         for _ in range(2):
@@ -66,18 +41,18 @@ def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(lea
             return [e["message"] for e in httpx.get(f"{url}/v1/finetune/{ids[i]}/events").json()["data"]]
 
         # Both run at once, on different trainer processes.
-        wait(lambda: all(job(i)["status"] == "running" for i in range(2)), 120, "both jobs to run")
+        wait_until(lambda: all(job(i)["status"] == "running" for i in range(2)), 120, "both jobs to run")
         runners = {next(m for m in events(i) if m.startswith("running on")) for i in range(2)}
         assert len(runners) == 2, runners
 
         # Kill the trainer of job 0 after its first checkpoint.
-        wait(lambda: any("checkpoint at step" in m for m in events(0)), 120, "a checkpoint")
+        wait_until(lambda: any("checkpoint at step" in m for m in events(0)), 120, "a checkpoint")
         victim_pid = int(next(m for m in events(0) if m.startswith("running on")).split(":")[1].split()[0])
         victim = next(p for p in trainers if p.pid == victim_pid)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=10)
 
-        finished = [wait(lambda i=i: job(i) if job(i)["status"] in ("succeeded", "failed", "cancelled") else None,
+        finished = [wait_until(lambda i=i: job(i) if job(i)["status"] in ("succeeded", "failed", "cancelled") else None,
                          300, f"job {i}") for i in range(2)]
         assert [f["status"] for f in finished] == ["succeeded", "succeeded"], finished
         assert sorted(f["result"]["version"] for f in finished) == [1, 2]
@@ -86,11 +61,4 @@ def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(lea
         versions = [v["version"] for v in httpx.get(url + "/v1/adapters/shared").json()["versions"]]
         assert sorted(versions) == [1, 2]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
