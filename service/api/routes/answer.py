@@ -7,6 +7,7 @@ import json
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.auth import check_adapter
@@ -51,10 +52,13 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, l
         if not isinstance(data, dict):
             raise InvalidInput("body must be a JSON object")
         body = _validated(data, settings)
-        images = [
-            decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
-            for i, text in enumerate(body.images)
-        ]
+        # Decoding is CPU work: keep it off the event loop so other requests proceed meanwhile.
+        images = await run_in_threadpool(
+            lambda: [
+                decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
+                for i, text in enumerate(body.images)
+            ]
+        )
         return body, images
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_images + 1, max_fields=32)
@@ -66,7 +70,8 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, l
         images = []
         for i, upload in enumerate(files):
             data = await upload.read(settings.max_image_bytes + 1)
-            images.append(decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]"))
+            images.append(await run_in_threadpool(
+                decode_image, data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]"))
         return body, images
     raise UnsupportedMedia("send application/json or multipart/form-data")
 
