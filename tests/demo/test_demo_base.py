@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -27,7 +26,6 @@ def card() -> dict:
 def demo_base():
     from service.model.base import load_base
 
-    logging.getLogger("service.model.base").setLevel(logging.ERROR)
     return load_base(BASE_DIR, n_slots=0)
 
 

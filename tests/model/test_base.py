@@ -14,7 +14,8 @@ from service.model.base import BaseModelError, load_base, save_base, vce_state_d
 
 
 def test_base_without_vce_weights_gets_identity_vce_and_a_warning(tiny_base_dir, caplog):
-    with caplog.at_level(logging.WARNING):
+    # Set on the module's own logger: another test may have raised its level.
+    with caplog.at_level(logging.WARNING, logger="service.model.base"):
         base = load_base(tiny_base_dir, n_slots=2, max_rank=4)
     assert any("identity VCE" in r.message for r in caplog.records)
     assert torch.count_nonzero(base.projector.attention.output_proj.weight) == 0
