@@ -252,7 +252,8 @@ def load_base(
         slots = inject_adapter_slots(
             model.model.language_model, target_modules, n_slots, max_rank, prefix=LANGUAGE_MODEL_PATH
         )
-    model_id = model.config.name_or_path or path.name
+    # The directory name is the id clients see (e.g. "demo-base", "llava-1.5-7b-hf").
+    model_id = path.resolve().name
     return BaseModel(model, tokenizer, image_processor, projector.config, str(model_id), base_fingerprint, slots)
 
 
