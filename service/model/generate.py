@@ -72,6 +72,9 @@ class ImageFeatureCache:
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: str) -> torch.Tensor | None:
         value = self._items.get(key)
         if value is None:

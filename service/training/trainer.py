@@ -111,7 +111,7 @@ class FinetuneRunner:
         cache = ImageFeatureCache(capacity=1_000_000)
         t0 = time.perf_counter()
         train_features = self._features(split.train, cache)
-        self.jobs.add_event(job_id, "info", f"encoded {len(cache._items)} distinct images in {time.perf_counter() - t0:.1f}s; "
+        self.jobs.add_event(job_id, "info", f"encoded {len(cache)} distinct images in {time.perf_counter() - t0:.1f}s; "
                             f"{len(split.train)} train / {len(split.val)} validation examples")
 
         config = AdapterConfig(
