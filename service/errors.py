@@ -46,3 +46,15 @@ class Overloaded(ServiceError):
 
 class Timeout(ServiceError):
     status, code = 504, "timeout"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class RateLimited(Overloaded):
+    code = "rate_limited"

@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
-from service.api.auth import Authenticator, Unauthorized, require, require_read_or_write
+from service.api.auth import Authenticator, require, require_read_or_write
 from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
-from service.errors import ServiceError
+from service.errors import ServiceError, Unauthorized
 from service.training.jobs import JobStore, database_url
 from service.training.queue import make_queue
 

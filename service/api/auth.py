@@ -22,26 +22,10 @@ from pathlib import Path
 
 from fastapi import Request
 
-from service.errors import ServiceError
+from service.errors import Forbidden, RateLimited, Unauthorized
 
 SCOPES = ("infer", "admin")
 KEY_PREFIX = "sk-svc-"
-
-
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-
-class Forbidden(ServiceError):
-    status, code = 403, "forbidden"
-
-
-class RateLimited(ServiceError):
-    status, code = 429, "rate_limited"
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
