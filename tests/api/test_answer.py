@@ -139,19 +139,27 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_base_dir, tmp_path):
                         max_queue=1, max_batch_size=1, embedded_trainer=False)
     with TestClient(create_app(settings, load_in_background=False)) as client:
         engine = client.app.state.engine
-        gate, original = threading.Event(), engine._execute
+        gate, entered, original = threading.Event(), threading.Event(), engine._execute
 
         def held(batch):
+            entered.set()
             gate.wait(30)
             original(batch)
 
         engine._execute = held
         body = {"instruction": "hi", "max_new_tokens": 2}
         results = []
-        threads = [threading.Thread(target=lambda: results.append(client.post("/v1/answer", json=body))) for _ in range(2)]
-        for t in threads:
-            t.start()
-            time.sleep(0.4)  # the first is taken by the (held) worker, the second fills the queue
+
+        def ask():
+            results.append(client.post("/v1/answer", json=body))
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        threads[0].start()
+        assert entered.wait(30)  # the worker holds the first request
+        threads[1].start()
+        deadline = time.time() + 30
+        while engine._queue.qsize() < 1 and time.time() < deadline:  # the second fills the queue
+            time.sleep(0.01)
         refused = client.post("/v1/answer", json=body)
         gate.set()
         for t in threads:

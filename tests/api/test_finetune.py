@@ -156,8 +156,10 @@ def test_cancel_a_running_job(tiny_base_dir, tmp_path):
     with make_client(tiny_base_dir, tmp_path) as client:
         job = client.post("/v1/finetune", data={"adapter": "c", **HYPER, "epochs": "100", "batch_size": "1"},
                           files={"dataset": ("c.zip", colour_zip(2), "application/zip")}).json()
-        wait_for(client, job["id"], statuses=("running",))
-        time.sleep(0.5)
+        deadline = time.time() + 120
+        while client.get(f"/v1/finetune/{job['id']}").json()["progress"].get("step", 0) < 1:
+            assert time.time() < deadline, "the job never started stepping"
+            time.sleep(0.1)
         client.post(f"/v1/finetune/{job['id']}/cancel")
         done = wait_for(client, job["id"])
         assert done["status"] == "cancelled"

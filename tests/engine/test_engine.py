@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -118,16 +117,17 @@ def test_a_running_request_finishes_on_the_version_it_started_with(make_engine, 
 
 def test_full_queue_is_overloaded_and_bad_requests_fail_at_submit(make_engine, tiny_base, tmp_path):
     engine = make_engine(max_queue=1, max_batch_size=1)
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     original = engine._execute
 
     def slow(batch):
-        gate.wait(10)
+        entered.set()
+        gate.wait(30)
         original(batch)
 
     engine._execute = slow
     first = engine.submit(AnswerJob("hi", [], None, 2))
-    time.sleep(0.3)  # the worker has taken `first` and is blocked
+    assert entered.wait(30)  # the worker has taken `first` and is blocked
     engine.submit(AnswerJob("hi", [], None, 2))
     with pytest.raises(Overloaded):
         engine.submit(AnswerJob("hi", [], None, 2))
