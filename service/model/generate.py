@@ -104,13 +104,17 @@ def encode_prompt(base: BaseModel, instruction: str, n_images: int) -> list[int]
     return expanded
 
 
+def _check_length(base: BaseModel, n_tokens: int, max_new_tokens: int) -> None:
+    if n_tokens + max_new_tokens > base.max_context:
+        raise PromptTooLongError(
+            f"prompt of {n_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the context of {base.max_context}"
+        )
+
+
 def check_request(base: BaseModel, request: GenerationRequest) -> int:
     """Validate one request up front; returns its prompt length in tokens."""
     n_tokens = len(encode_prompt(base, request.instruction, len(request.images)))
-    if n_tokens + request.max_new_tokens > base.max_context:
-        raise PromptTooLongError(
-            f"prompt of {n_tokens} tokens + max_new_tokens {request.max_new_tokens} exceeds the context of {base.max_context}"
-        )
+    _check_length(base, n_tokens, request.max_new_tokens)
     return n_tokens
 
 
@@ -207,9 +211,9 @@ def generate(
         return []
     timing = timing or BatchTiming()
     t0 = time.perf_counter()
-    for req in requests:
-        check_request(base, req)
     rows = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
+    for row, req in zip(rows, requests, strict=True):
+        _check_length(base, len(row), req.max_new_tokens)
     all_images = [im for r in requests for im in r.images]
     feats = image_features(base, all_images, cache) if all_images else []
     per_row, k = [], 0
