@@ -31,6 +31,12 @@ clean:
 serve: venv
 	$(PY) -m service serve
 
+.PHONY: ablation
+ablation: venv
+	$(PY) bench/ablation.py --parts methods internals targets cost --seeds 0 1 2 --steps 400 --batch-size 16 --lr 0.01
+	$(PY) bench/ablation.py --parts vce --seeds 0 1 --batch-size 16 --language-steps 200 --inspection-steps 300 --inspection-lr 0.01
+	$(PY) bench/ablation.py --report
+
 .PHONY: demo
 demo: venv
 	$(PY) -m service.demo.story

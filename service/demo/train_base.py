@@ -173,16 +173,22 @@ def train_language(
     seed: int,
     log_every: int = 25,
     max_seconds: float | None = None,
+    train_vce: bool = True,
 ) -> tuple[float, int]:
     """Stage 2: LLM + VCE + MLP projector learn to answer general questions (tower frozen).
 
     Returns the smoothed final loss and the number of steps run (``max_seconds`` as in
-    :func:`train_vision`).
+    :func:`train_vision`). ``train_vce=False`` keeps the VCE attention at its identity
+    initialisation (zero ``output_proj``), which makes the result a plain LLaVA base: the
+    no-VCE arm of ``bench/ablation.py``.
     """
     base.model.requires_grad_(False)
     base.model.model.language_model.requires_grad_(True)
     base.model.lm_head.requires_grad_(True)
     base.projector.requires_grad_(True)
+    if not train_vce:
+        for module in (base.projector.attention, base.projector.query_norm, base.projector.value_norm):
+            module.requires_grad_(False)
     params = [p for p in base.model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

@@ -1,0 +1,228 @@
+"""Is the defect signal in the demo base's image features? Probes on frozen features, then a tower fine-tune.
+
+An LLM-side adapter can only read what the image tokens carry. This measures, on held-out
+inspection images (half of them defective, tiny and large defects):
+
+1. ``probe``: for every hidden state of the frozen vision tower (0 = patch embeddings … -1) and
+   for the projector output (VCE + MLP, what the LLM sees), an attention-pooled MLP probe trained on
+   the frozen tokens to predict defect presence + type and location; held-out accuracy.
+2. ``finetune``: the upper bound with the tower itself trained (from the demo base's weights) on
+   defect labels for ``--finetune-steps`` steps, with image-level labels (one label per image,
+   max-pooled over patch logits) and with dense labels (the patch holding the defect is labelled
+   with its type, every other patch "none").
+
+    python bench/defect_probe.py [--n 3000] [--probe-steps 600] [--finetune-steps 300] [--parts probe finetune]
+
+Results go to ``bench/results/defect_probe.json``; the figures are quoted in docs/model-card.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from service.demo.data import normalise  # noqa: E402
+from service.model.base import load_base  # noqa: E402
+from service.world import DEFECT_TYPES, GRID_CELLS, generate_examples  # noqa: E402
+
+log = logging.getLogger("bench.defect_probe")
+DEMO_BASE = Path(__file__).resolve().parents[1] / "service" / "assets" / "demo-base"
+DATA_SEED = 7000
+N_CLASSES = 1 + len(DEFECT_TYPES)  # "none" + each defect type
+
+
+class Probe(nn.Module):
+    """Two learned queries attention-pool the tokens ``[B, N, d]``: → type logits ``[B, 6]``, cell ``[B, 9]``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.key = nn.Linear(dim, dim)
+        self.queries = nn.Parameter(torch.randn(2, dim) * dim**-0.5)
+        self.type_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, N_CLASSES))
+        self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, len(GRID_CELLS)))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(tokens)
+        weights = torch.einsum("bnd,qd->bqn", self.key(h), self.queries).div(math.sqrt(h.shape[-1])).softmax(-1)
+        pooled = torch.einsum("bqn,bnd->bqd", weights, h)
+        return self.type_head(pooled[:, 0]), self.cell_head(pooled[:, 1])
+
+
+def scores(type_logits: torch.Tensor, cell_logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, float]:
+    """Presence, type (incl. none), location on defective images, and tiny / large recall."""
+    pred = type_logits.argmax(-1)
+    defective = labels[:, 0] > 0
+    tiny = defective & (labels[:, 2] == 1)
+    large = defective & (labels[:, 2] == 0)
+    out = {
+        "presence": ((pred > 0) == defective).float().mean().item(),
+        "type": (pred == labels[:, 0]).float().mean().item(),
+        "tiny_recall": (pred > 0)[tiny].float().mean().item(),
+        "large_recall": (pred > 0)[large].float().mean().item(),
+        "ok_specificity": (pred == 0)[~defective].float().mean().item(),
+    }
+    if cell_logits is not None:
+        out["location"] = (cell_logits.argmax(-1)[defective] == labels[defective, 1]).float().mean().item()
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def train_probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    probe = Probe(x.shape[-1])
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(n_train, (128,), generator=gen)
+        type_logits, cell_logits = probe(x[idx])
+        loss = F.cross_entropy(type_logits, y[idx, 0]) + F.cross_entropy(cell_logits, y[idx, 1], ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        held_out = scores(*probe(x[n_train:]), y[n_train:])
+        held_out["train_presence"] = scores(*probe(x[: min(n_train, 500)]), y[: min(n_train, 500)])["presence"]
+    return held_out
+
+
+def finetune_tower(base, pixels: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, n_train: int, steps: int,
+                   dense: bool, seed: int) -> dict[str, Any]:
+    """Train the tower (copy) + a per-patch head on defect labels; score image-level calls held out."""
+    tower = base.model.model.vision_tower
+    original = {k: v.clone() for k, v in tower.state_dict().items()}
+    torch.manual_seed(seed)
+    dim = tower.config.hidden_size
+    head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, N_CLASSES))
+    tower.requires_grad_(True)
+    tower.train()
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    mean, std = base.image_processor.image_mean, base.image_processor.image_std
+    anchor = base.vce_config.feature_layers[0]
+
+    def patch_logits(p: torch.Tensor) -> torch.Tensor:
+        return head(tower(normalise(p, mean, std), output_hidden_states=True).hidden_states[anchor][:, 1:])
+
+    def image_logits(t: torch.Tensor) -> torch.Tensor:
+        # "none" only if every patch says none; otherwise the most confident defect type anywhere
+        probs = t.softmax(-1)
+        return torch.cat([probs[..., :1].amin(1), probs[..., 1:].amax(1)], -1).clamp_min(1e-9).log()
+
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(n_train, (64,), generator=gen)
+        logits = patch_logits(pixels[idx])
+        if dense:
+            target = torch.zeros(logits.shape[:2], dtype=torch.long)
+            has = patch[idx] >= 0
+            target[has, patch[idx][has]] = y[idx, 0][has]
+            weight = torch.where(target > 0, 20.0, 1.0)  # one defect patch among 64
+            loss = (F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none") * weight.flatten()).sum()
+            loss = loss / weight.sum()
+        else:
+            loss = F.cross_entropy(logits.amax(1), y[idx, 0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log.info("  %s step %d/%d loss %.3f (%.0fs)", "dense" if dense else "image", step + 1, steps, loss.item(),
+                     time.perf_counter() - start)
+    tower.eval()
+    with torch.no_grad():
+        logits = torch.cat([patch_logits(pixels[i : i + 200]) for i in range(n_train, len(pixels), 200)])
+    result = scores(image_logits(logits), None, y[n_train:])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    tower.load_state_dict(original)
+    tower.requires_grad_(False)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=DEMO_BASE)
+    parser.add_argument("--n", type=int, default=3000, help="inspection images (80 %% train, 20 %% held out)")
+    parser.add_argument("--probe-steps", type=int, default=600)
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--parts", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/defect_probe.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    base = load_base(args.base, n_slots=0)
+    size = base.model.config.vision_config.image_size
+    grid = size // base.model.config.vision_config.patch_size
+    examples = generate_examples(args.n, DATA_SEED, kind="inspection", size=size)
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _ in examples])).permute(0, 3, 1, 2)
+    labels, patch = [], []
+    for _, record in examples:
+        meta = record["meta"]
+        defect = meta["scene"]["defect"]
+        if defect is None:
+            labels.append((0, -1, 0))
+            patch.append(-1)
+        else:
+            labels.append((1 + DEFECT_TYPES.index(meta["defect"]), GRID_CELLS.index(meta["defect_location"]),
+                           int(meta["size_class"] == "tiny")))
+            patch.append(min(grid - 1, int(defect["y"] * grid)) * grid + min(grid - 1, int(defect["x"] * grid)))
+    y, patch_t = torch.tensor(labels), torch.tensor(patch)
+    n_train = int(0.8 * args.n)
+    results: dict[str, Any] = {
+        "n": args.n, "n_train": n_train, "data_seed": DATA_SEED, "base": str(args.base),
+        "defective_share_held_out": round((y[n_train:, 0] > 0).float().mean().item(), 4),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    if "probe" in args.parts:
+        tower = base.model.model.vision_tower
+        mean, std = base.image_processor.image_mean, base.image_processor.image_std
+        hidden: list[list[torch.Tensor]] = [[] for _ in range(tower.config.num_hidden_layers + 1)]
+        projected = []
+        with torch.no_grad():
+            for i in range(0, args.n, 200):
+                p = normalise(pixels[i : i + 200], mean, std)
+                states = tower(p, output_hidden_states=True).hidden_states
+                for k, h in enumerate(states):
+                    hidden[k].append(h[:, 1:])
+                projected.append(base.encode_images(p))
+        features = {f"tower hidden state {k}": torch.cat(h) for k, h in enumerate(hidden)}
+        features["projector output (VCE + MLP)"] = torch.cat(projected)
+        results["probe"] = {}
+        for name, x in features.items():
+            results["probe"][name] = train_probe(x, y, n_train, args.probe_steps, args.seed)
+            log.info("%s: %s", name, results["probe"][name])
+    if "finetune" in args.parts:
+        results["finetune"] = {"steps": args.finetune_steps}
+        for dense in (False, True):
+            key = "dense labels" if dense else "image labels"
+            results["finetune"][key] = finetune_tower(base, pixels, y, patch_t, n_train, args.finetune_steps, dense,
+                                                      args.seed)
+            log.info("tower fine-tune, %s: %s", key, results["finetune"][key])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
