@@ -33,7 +33,8 @@ serve: venv
 
 .PHONY: ablation
 ablation: venv
-	$(PY) bench/ablation.py --parts methods internals targets cost --seeds 0 1 2 --steps 400 --batch-size 16 --lr 0.01
+	$(PY) bench/ablation.py --parts methods internals cost --seeds 0 1 2 --steps 400 --batch-size 16 --lr 0.01
+	$(PY) bench/ablation.py --parts targets --seeds 0 1 --steps 400 --batch-size 16 --lr 0.003
 	$(PY) bench/ablation.py --parts vce --seeds 0 1 --batch-size 16 --language-steps 200 --inspection-steps 300 --inspection-lr 0.01
 	$(PY) bench/ablation.py --report
 

@@ -73,12 +73,12 @@ def world_images(n: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, model: Path, store: Path, data: Path, max_batch: int, max_wait_ms: float):
+    def __init__(self, model: Path, store: Path, data: Path, max_batch: int, max_wait_ms: float, dtype: str = "auto"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--model", str(model), "--adapter-dir", str(store),
-             "--data-dir", str(data), "--port", str(self.port), "--log-level", "warning"],
+             "--data-dir", str(data), "--port", str(self.port), "--log-level", "warning", "--dtype", dtype],
             env={**os.environ, "SERVICE_MAX_BATCH_SIZE": str(max_batch), "SERVICE_MAX_WAIT_MS": str(max_wait_ms)},
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the servers' dtype (auto = float32 on CPU, bfloat16 on CUDA)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -143,7 +145,7 @@ def main() -> None:
         images = world_images(32)
         results: dict[tuple[str, int], dict] = {}
         for label, max_batch, wait in (("dynamic batching (max 16, 10 ms)", 16, 10.0), ("batch size 1", 1, 0.0)):
-            server = Server(args.model, store, data, max_batch, wait)
+            server = Server(args.model, store, data, max_batch, wait, args.dtype)
             try:
                 run_load(server.url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
                 for clients in args.clients:
@@ -153,7 +155,7 @@ def main() -> None:
                 server.close()
 
     print(f"# serve load: {args.model.name}, {args.adapters} adapters (rank {args.rank}) + base, "
-          f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, "
+          f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, dtype {args.dtype}, "
           f"{platform.machine()} {os.cpu_count()} cores\n")
     print("| server | clients | requests | throughput req/s | p50 ms | p95 ms |")
     print("|---|---:|---:|---:|---:|---:|")
