@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     n_slots: int = Field(8, ge=1, le=256, description="resident adapter slots")
     max_rank: int = Field(64, ge=1, le=1024, description="largest adapter rank a slot holds")
+    adapter_targets: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        min_length=1,
+        description="LLM linears that get adapter slots; fine-tunes adapt all of them by default (docs/ablation.md)",
+    )
     max_images: int = Field(4, ge=1, le=64, description="images per request")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per image")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="pixels per decoded image")

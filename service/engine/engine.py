@@ -103,7 +103,8 @@ class Engine:
         self.dtype = pick_dtype(settings.dtype, self.device)
         t0 = time.perf_counter()
         self.base: BaseModel = base or load_base(
-            settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots, max_rank=settings.max_rank
+            settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots, max_rank=settings.max_rank,
+            target_modules=settings.adapter_targets,
         )
         log.info("loaded base %s (%s) in %.1fs on %s", settings.model, self.base.fingerprint,
                  time.perf_counter() - t0, self.device)

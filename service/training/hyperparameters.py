@@ -19,5 +19,7 @@ class Hyperparameters(BaseModel):
     validation_split: float = Field(0.1, ge=0.0, le=0.5, description="fraction held out for validation")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     promote: Literal["always", "if_better"] = "always"
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="LLM linears to adapt; default: every module the base has slots on"
+    )
     checkpoint_every: int = Field(50, ge=1, le=100_000, description="steps between resumable checkpoints")

@@ -116,7 +116,7 @@ class FinetuneRunner:
 
         config = AdapterConfig(
             peft_type="DUAL_LORA" if hp.method == "dual_lora" else "LORA",
-            r=hp.rank, lora_alpha=hp.alpha, target_modules=list(hp.target_modules),
+            r=hp.rank, lora_alpha=hp.alpha, target_modules=list(hp.target_modules or self.base.slots.target_modules),
             base_model_name_or_path=self.base.model_id, base_model_fingerprint=self.base.fingerprint,
         )
         adapter = trainable_adapter(self.base, config, seed=hp.seed)

@@ -61,7 +61,7 @@ def run_trainer_process(settings: Settings, workers: int = 1) -> None:
 
     device = pick_device(settings.device)
     base = load_base(settings.model, device=device, dtype=pick_dtype(settings.dtype, device),
-                     n_slots=1, max_rank=settings.max_rank)
+                     n_slots=1, max_rank=settings.max_rank, target_modules=settings.adapter_targets)
     jobs = JobStore(database_url(settings.data_dir, settings.database_url))
     huey, task = make_queue(settings.data_dir, settings.redis_url)
     worker = f"{socket.gethostname()}:{os.getpid()}"

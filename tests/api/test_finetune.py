@@ -39,7 +39,7 @@ def colour_zip(n_per_colour: int = 8) -> bytes:
     return buf.getvalue()
 
 
-HYPER = {"rank": "8", "alpha": "16", "epochs": "6", "learning_rate": "0.01", "batch_size": "8",
+HYPER = {"rank": "8", "alpha": "16", "epochs": "6", "learning_rate": "0.003", "batch_size": "8",
          "validation_split": "0.25", "seed": "1"}
 
 
@@ -106,6 +106,9 @@ def test_finetune_publishes_a_version_that_answers_better_while_serving(learnabl
 
         info = client.get("/v1/adapters/colours").json()
         assert info["live_version"] == 1
+        # No target_modules in the request: the job adapts every linear the server has slots on.
+        assert sorted(info["versions"][0]["target_modules"]) == sorted(Settings().adapter_targets)
+        assert len(Settings().adapter_targets) == 7
         after = held_out_accuracy(client, "colours")
         assert after >= before + 0.3 and after >= 0.8, (before, after)
         assert [j["id"] for j in client.get("/v1/finetune").json()["data"]] == [job["id"]]
