@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.demo.data import DEMO_PRESET, EVAL_SEED, build_pool, tokenizer_corpus  # noqa: E402
-from service.demo.evaluate import general_metrics, inspection_metrics  # noqa: E402
+from service.demo.evaluate import answer_all, general_metrics, inspection_metrics  # noqa: E402
 from service.demo.mixture import TASK_NAMES, balanced_eval_examples, mixture_examples  # noqa: E402
 from service.demo.train_base import train_language  # noqa: E402
 from service.model.base import BaseModel, load_base  # noqa: E402
@@ -140,21 +140,10 @@ def train(
 
 
 def answer(
-    base: BaseModel,
-    adapter: AdapterWeights | None,
-    examples: list[tuple[Any, dict]],
-    cache: ImageFeatureCache,
-    batch_size: int = 60,
-    max_new_tokens: int = 12,
+    base: BaseModel, adapter: AdapterWeights | None, examples: list[tuple[Any, dict]], cache: ImageFeatureCache
 ) -> list[str]:
-    """Greedy answers with ``adapter`` applied to every row (None = the base)."""
-    out: list[str] = []
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            requests = [GenerationRequest(r["instruction"], [im], max_new_tokens=max_new_tokens) for im, r in chunk]
-            out.extend(res.text for res in generate(base, requests, cache=cache, adapter=adapter))
-    return out
+    """Greedy answers with ``adapter`` applied to every row (None = the base), 60 rows a batch."""
+    return answer_all(base, examples, batch_size=60, adapter=adapter, cache=cache)
 
 
 def warm_cache(base: BaseModel, examples: list[tuple[Any, dict]]) -> ImageFeatureCache:

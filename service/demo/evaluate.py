@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from service.model.base import BaseModel, load_base
-from service.model.generate import GenerationRequest, generate
+from service.model.generate import GenerationRequest, ImageFeatureCache, generate
+from service.model.lora.weights import AdapterWeights
 from service.world import generate_examples, inspection_fields
 
 Record = dict[str, Any]
@@ -111,15 +112,21 @@ def answer_all(
     slot: int = 0,
     batch_size: int = 50,
     max_new_tokens: int = 12,
+    adapter: AdapterWeights | None = None,
+    cache: ImageFeatureCache | None = None,
 ) -> list[str]:
-    """Greedy answers of ``base`` (with the adapter in ``slot``) to every example, in batches."""
+    """Greedy answers of ``base`` to every example, in batches.
+
+    The adapter is the one in ``slot``, or ``adapter`` (a trainable one, on every row) when given;
+    ``cache`` reuses image features across calls.
+    """
     answers: list[str] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         requests = [
             GenerationRequest(r["instruction"], [im], slot=slot, max_new_tokens=max_new_tokens) for im, r in chunk
         ]
-        answers.extend(res.text for res in generate(base, requests))
+        answers.extend(res.text for res in generate(base, requests, cache=cache, adapter=adapter))
     return answers
 
 
