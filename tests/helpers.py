@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +48,28 @@ def free_port() -> int:
 
 
 def start_service(args: list[str], env: dict) -> subprocess.Popen:
-    """``python -m service <args>`` in a subprocess with extra environment."""
-    return subprocess.Popen([sys.executable, "-m", "service", *args], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """``python -m service <args>`` in a subprocess with extra environment; its output goes to a log
+    file (``proc.log_path``) that :func:`wait_ready` shows when the process does not come up."""
+    log = tempfile.NamedTemporaryFile("wb", prefix="service-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "service", *args], env={**os.environ, **env},
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Wait for ``url``'s /readyz; fail at once if ``proc`` exits, showing the end of its log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if is_ready(url):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    tail = proc.log_path.read_text(errors="replace")[-3000:] if hasattr(proc, "log_path") else ""
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
+    pytest.fail(f"{url}: {state}; end of its log:\n{tail}")
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -79,3 +99,6 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
+        if hasattr(p, "log_path"):
+            p.log_path.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import torch
 
 from service.model.lora import AdapterConfig, save_adapter
 from tests.api.test_finetune import HYPER, colour_zip
-from tests.helpers import free_port, is_ready, start_service, stop_all, wait_until
+from tests.helpers import free_port, start_service, stop_all, wait_ready, wait_until
 
 
 def adapter_zip(base, tmp_path) -> bytes:
@@ -38,8 +38,8 @@ def test_two_replicas_share_adapters_and_jobs(learnable_base_dir, redis_url, pos
     procs.append(start_service(["trainer", "--log-level", "warning"], env))
     a, b = (f"http://127.0.0.1:{p}" for p in ports)
     try:
-        for url in (a, b):
-            wait_until(lambda url=url: is_ready(url), 90, f"{url} ready")
+        for url, proc in zip((a, b), procs, strict=False):
+            wait_ready(url, proc)
 
         # An adapter imported through replica A is served by replica B.
         from service.model.base import load_base

@@ -30,13 +30,17 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.exc import DBAPIError
 
 from service.errors import NotFound, ServiceError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Any constant works; it only has to be the same in every process sharing the database.
+SCHEMA_LOCK_KEY = 0x6D6C6C6D  # "mllm"
 
 metadata = MetaData()
 jobs_table = Table(
@@ -99,6 +103,27 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def create_schema(engine: Engine, attempts: int = 5) -> None:
+    """Create the tables once, even when several replicas and trainers start at the same moment.
+
+    ``create_all`` checks, then creates: two processes racing on a fresh PostgreSQL database both see
+    no table and the loser fails on ``pg_type``'s unique index. PostgreSQL serialises the check and
+    the create under a transaction-scoped advisory lock; SQLite (one file, one writer) and anything
+    else retry, since the winner's tables make the loser's next check pass.
+    """
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                metadata.create_all(conn)
+            return
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class JobStore:
     """Job records shared by threads, processes and (with PostgreSQL) machines."""
 
@@ -108,7 +133,7 @@ class JobStore:
             url = f"sqlite:///{Path(url)}"
         self.url = url
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
+        create_schema(self.engine)
 
     @property
     def path(self) -> str:

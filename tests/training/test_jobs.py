@@ -86,3 +86,36 @@ def test_paging_newest_first_and_events_after(jobs):
     events = jobs.events(ids[0])
     later = jobs.events(ids[0], after=events[1]["id"])
     assert [e["message"] for e in later] == [e["message"] for e in events[2:]]
+
+
+def _open_store_at_barrier(url: str, barrier) -> str:
+    barrier.wait()
+    try:
+        JobStore(url)
+        return "ok"
+    except Exception as exc:  # reported to the parent, which asserts on it
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_processes_starting_together_on_a_fresh_database_all_open_it(backend, request, tmp_path):
+    """Two API replicas and a trainer start at once: every one must come up (a create_all race on a
+    fresh PostgreSQL database used to fail one of them on pg_type's unique index)."""
+    import multiprocessing
+
+    import psycopg
+
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(4):
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / f'jobs{round_}.db'}"
+        else:
+            server = request.getfixturevalue("postgres_url").rsplit("/", 1)[0]
+            with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE race_{round_}")
+            url = f"{server}/race_{round_}"
+        with ctx.Manager() as manager:
+            barrier = manager.Barrier(4)
+            with ctx.Pool(4) as pool:
+                results = pool.starmap(_open_store_at_barrier, [(url, barrier)] * 4)
+        assert results == ["ok"] * 4, results

@@ -13,7 +13,7 @@ import signal
 import httpx
 
 from tests.api.test_finetune import HYPER, colour_zip
-from tests.helpers import free_port, is_ready, start_service, stop_all, wait_until
+from tests.helpers import free_port, start_service, stop_all, wait_ready, wait_until
 
 
 def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(learnable_base_dir, redis_url, tmp_path):
@@ -26,7 +26,7 @@ def test_two_trainers_share_a_redis_queue_and_a_killed_trainer_loses_nothing(lea
     trainers = [start_service(["trainer", "--log-level", "warning"], env) for _ in range(2)]
     procs += trainers
     try:
-        wait_until(lambda: is_ready(url), 90, "the API")
+        wait_ready(url, procs[0])
         form = {"adapter": "shared", **HYPER, "epochs": "60", "batch_size": "1", "checkpoint_every": "10"}
         ids = []
         for _ in range(2):
