@@ -11,9 +11,16 @@ inspection images (half of them defective, tiny and large defects):
    max-pooled over patch logits) and with dense labels (the patch holding the defect is labelled
    with its type, every other patch "none").
 
-    python bench/defect_probe.py [--n 3000] [--probe-steps 600] [--finetune-steps 300] [--parts probe finetune]
+3. ``patch``: which patch size can learn defects at all: for each ``--patch-sizes`` a *fresh* tower
+   of the demo width and depth is trained from scratch on dense defect labels (as above) for
+   ``--patch-steps`` steps, batch 32, on ``--patch-n`` rendered images; held-out image-level
+   presence, recall and specificity, and seconds (the cost of each patch size, measured in one run).
 
-Results go to ``bench/results/defect_probe.json``; the figures are quoted in docs/model-card.md.
+    python bench/defect_probe.py [--n 3000] [--probe-steps 600] [--finetune-steps 300] [--parts probe finetune]
+    python bench/defect_probe.py --parts patch --patch-sizes 12 8 6 --out bench/results/defect_patch.json
+
+Results go to ``--out`` (default ``bench/results/defect_probe.json``); the figures are quoted in
+docs/model-card.md.
 """
 
 from __future__ import annotations
@@ -157,13 +164,70 @@ def finetune_tower(base, pixels: torch.Tensor, y: torch.Tensor, patch: torch.Ten
     return result
 
 
+def fresh_tower_by_patch(patch_size: int, n_train: int, n_held_out: int, steps: int, seed: int,
+                         batch_size: int = 32, lr: float = 1e-3) -> dict[str, Any]:
+    """Train a fresh demo-sized tower with ``patch_size`` on dense defect labels; held-out presence."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from service.demo.data import DEMO_PRESET, build_defect_pool
+
+    size = DEMO_PRESET.image_size
+    pool = build_defect_pool(n_train + n_held_out, DATA_SEED + 1, patch_size=patch_size, size=size)
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=DEMO_PRESET.vision_dim, intermediate_size=4 * DEMO_PRESET.vision_dim,
+                              num_hidden_layers=DEMO_PRESET.vision_layers, num_attention_heads=DEMO_PRESET.vision_heads,
+                              image_size=size, patch_size=patch_size, hidden_act="quick_gelu")
+    tower = CLIPVisionModel(config)
+    dim = config.hidden_size
+    head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, N_CLASSES))
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    mean, std = [0.5] * 3, [0.25] * 3
+
+    def patch_logits(p: torch.Tensor) -> torch.Tensor:
+        return head(tower(normalise(p, mean, std), output_hidden_states=True).hidden_states[-2][:, 1:])
+
+    from service.demo.train_base import DefectHead
+
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(n_train, (batch_size,), generator=gen)
+        loss = DefectHead.loss(patch_logits(pool.pixels[idx]), pool.defect[idx], pool.patch[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log.info("  patch %d step %d/%d loss %.3f (%.0fs)", patch_size, step + 1, steps, loss.item(),
+                     time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    tower.eval()
+    with torch.no_grad():
+        logits = torch.cat([patch_logits(pool.pixels[i : i + 200]) for i in range(n_train, len(pool), 200)])
+    called, truth = DefectHead.image_presence(logits), pool.defect[n_train:] > 0
+    return {
+        "tokens": (size // patch_size) ** 2,
+        "presence": round((called == truth).float().mean().item(), 4),
+        "recall": round(called[truth].float().mean().item(), 4),
+        "specificity": round((~called[~truth]).float().mean().item(), 4),
+        "chance": round(max(truth.float().mean().item(), 1 - truth.float().mean().item()), 4),
+        "train_seconds": round(seconds, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=DEMO_BASE)
     parser.add_argument("--n", type=int, default=3000, help="inspection images (80 %% train, 20 %% held out)")
     parser.add_argument("--probe-steps", type=int, default=600)
     parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--parts", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune"])
+    parser.add_argument("--parts", nargs="+", default=["probe", "finetune"], choices=["probe", "finetune", "patch"])
+    parser.add_argument("--patch-sizes", nargs="+", type=int, default=[12, 8, 6])
+    parser.add_argument("--patch-steps", type=int, default=300)
+    parser.add_argument("--patch-n", type=int, default=6000, help="training images of the patch part (+800 held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/defect_probe.json"))
     args = parser.parse_args(argv)
@@ -171,6 +235,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    if args.parts == ["patch"]:
+        results = {"steps": args.patch_steps, "batch": 32, "n_train": args.patch_n, "n_held_out": 800,
+                   "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}}
+        for patch_size in args.patch_sizes:
+            results[f"patch {patch_size}"] = fresh_tower_by_patch(patch_size, args.patch_n, 800, args.patch_steps,
+                                                                  args.seed)
+            log.info("patch %d: %s", patch_size, results[f"patch {patch_size}"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return results
+    if "patch" in args.parts:
+        parser.error("--parts patch runs alone (its own --out)")
     base = load_base(args.base, n_slots=0)
     size = base.model.config.vision_config.image_size
     grid = size // base.model.config.vision_config.patch_size

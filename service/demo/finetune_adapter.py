@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--method", choices=("DUAL_LORA", "LORA"), default="DUAL_LORA")
-    parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated LLM linears")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                        help="comma-separated LLM linears (default: all seven, the service's default, docs/ablation.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ def _inspection_table(metrics: dict[str, Any]) -> list[str]:
 def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_ms: float | None = None) -> str:
     """The Markdown model card."""
     arch, recipe, training = card["architecture"], card["recipe"], card["training"]
+    stage1 = recipe.get("stage1", recipe)  # a one-command recipe is its own first stage
     p = arch["preset"]
     general = card["eval"]["general"]
     lines = [
@@ -65,23 +66,62 @@ def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_
         "",
         "## Recipe",
         "",
-        "```",
-        recipe["command"],
-        "```",
+        *(
+            [
+                "Two commands: the first trains from scratch (stages 1 and 2), the second continues stage 2 from its",
+                "output with a defect-preserving head on the projector (stage 3).",
+                "",
+                "```",
+                stage1["command"],
+                recipe["command"],
+                "```",
+            ]
+            if "stage1" in recipe
+            else ["```", recipe["command"], "```"]
+        ),
         "",
-        f"Seed {recipe['seed']}. Data: {recipe['pool_images']} rendered *general* scenes (world seed "
-        f"{recipe['pool_seed']}; 1-4 parts of one type and colour on a conveyor), questions drawn on the fly "
-        "(part, colour, count, position; position only for one-part scenes). No inspection data is used.",
+        f"Seed {recipe['seed']}. Data: {stage1['pool_images']} rendered *general* scenes (world seed "
+        f"{stage1['pool_seed']}; 1-4 parts of one type and colour on a conveyor), questions drawn on the fly "
+        "(part, colour, count, position; position only for one-part scenes)."
+        + (
+            f" The vision stage also sees {stage1['defect_pool_images']} rendered inspection close-ups (world seed "
+            f"{stage1['defect_pool_seed']}, half defective) with per-patch defect labels; no inspection *question* "
+            "is ever trained, so the base cannot answer one."
+            if stage1.get("defect_pool_images")
+            else " No inspection data is used."
+        ),
         "",
-        f"1. Vision stage ({recipe['vision']['steps']} steps max, batch {recipe['vision']['batch']}, AdamW "
-        f"lr {recipe['vision']['lr']}, warm-up + cosine): the vision tower alone, with throw-away attention-pooling "
+        f"1. Vision stage ({stage1['vision']['steps']} steps max, batch {stage1['vision']['batch']}, AdamW "
+        f"lr {stage1['vision']['lr']}, warm-up + cosine): the vision tower alone, with throw-away attention-pooling "
         "classification heads on the patch tokens of the projected layer (-2): part type, colour, count, position "
-        "and a 9-cell occupancy map. This is the cheap objective DESIGN.md section 6 asks for; end-to-end "
+        "and a 9-cell occupancy map"
+        + (
+            f"; plus, on {stage1['defect_batch']} inspection close-ups per step, a per-patch defect-type head "
+            "(the patch holding the defect carries its type, every other patch `none`, the defect patch weighted "
+            f"up; loss weight {stage1.get('defect_weight', 1.0)}; the first {stage1.get('defect_warmup_steps', 0)} "
+            "steps train it alone), so that the features carry 1-2 px defects for a `line-inspection` adapter to read"
+            if stage1.get("defect_pool_images")
+            else ""
+        )
+        + ". This is the cheap objective DESIGN.md section 6 asks for; end-to-end "
         "training from scratch stays at chance on shape.",
-        f"2. Language stage ({training.get('language_steps_run', recipe['language']['steps'])} steps run, batch "
-        f"{recipe['language']['batch']}, AdamW lr {recipe['language']['lr']}): tower frozen; LLM, VCE attention "
-        "and MLP projector trained on the answer tokens only (`service.model.training.adapter_loss`).",
-        "3. Saved with `save_base` in float16; the fingerprint above is that of the saved weights loaded in float32.",
+        f"2. Language stage ({training.get('stage1', training).get('language_steps_run', stage1['language']['steps'])} "
+        f"steps run, batch {stage1['language']['batch']}, AdamW lr {stage1['language']['lr']}): tower frozen; LLM, "
+        "VCE attention and MLP projector trained on the answer tokens only (`service.model.training.adapter_loss`).",
+        *(
+            [
+                f"3. Defect-preserving continuation ({recipe['language']['steps']} steps max, batch "
+                f"{recipe['language']['batch']}, AdamW lr {recipe['language']['lr']}): stage 2 again, plus a throw-away "
+                f"per-patch defect head on the projector output (LLM space) on {recipe['defect_batch']} inspection "
+                f"close-ups per step (weight {recipe['language_defect_weight']}). Trained on general answers alone, "
+                "the projector had dropped the defect signal the tower carries (see the notes); the LLM still never "
+                "sees an inspection question.",
+            ]
+            if "stage1" in recipe
+            else []
+        ),
+        "",
+        "Saved with `save_base` in float16; the fingerprint above is that of the saved weights loaded in float32.",
         "",
         f"Final training statistics (smoothed): vision stage {training['vision_final']}, language loss "
         f"{training['language_final_loss']}.",

@@ -29,3 +29,23 @@ def test_language_stage_trains_vce_only_when_asked(tiny_base, train_vce):
     if not train_vce:  # still the identity: zero output projection, so the projector is plain LLaVA
         assert torch.count_nonzero(projector.attention.output_proj.weight) == 0
     assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
+def test_language_stage_with_a_defect_head_trains_the_projector_not_the_tower(tiny_base):
+    from service.demo.data import build_defect_pool
+
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    tower_before = {k: v.clone() for k, v in tiny_base.model.model.vision_tower.state_dict().items()}
+    mlp_before = {k: v.clone() for k, v in tiny_base.projector.mlp.state_dict().items()}
+    loss_with, _ = train_language(tiny_base, build_pool(8, seed=5, size=size), steps=1, batch_size=4, lr=0.0,
+                                  seed=0, defects=build_defect_pool(8, seed=6, patch_size=patch, size=size),
+                                  defect_batch=4, defect_weight=1.0)
+    loss_without, _ = train_language(tiny_base, build_pool(8, seed=5, size=size), steps=1, batch_size=4, lr=0.0,
+                                     seed=0)
+    assert loss_with > loss_without > 0  # lr 0: same weights, so the difference is the defect term
+    train_language(tiny_base, build_pool(8, seed=5, size=size), steps=2, batch_size=4, lr=1e-2, seed=0,
+                   defects=build_defect_pool(8, seed=6, patch_size=patch, size=size), defect_batch=4)
+    assert all(torch.equal(v, tiny_base.model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
+    assert any(not torch.equal(v, tiny_base.projector.mlp.state_dict()[k]) for k, v in mlp_before.items())
+    assert all(not p.requires_grad for p in tiny_base.model.parameters())
