@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="fine-tune batch size (8 collapsed to answering `ok` on the demo base; docs/demo.md)")
+                        help="fine-tune batch size (default: the Python recipe's 32; docs/demo.md)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "data" / "demo")
     args = parser.parse_args(argv)
 
