@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from service.demo.data import normalise  # noqa: E402
+from service.demo.data import defect_patch, normalise, pixel_tensor  # noqa: E402
 from service.model.base import load_base  # noqa: E402
 from service.world import DEFECT_TYPES, GRID_CELLS, generate_examples  # noqa: E402
 
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = base.model.config.vision_config.image_size
     grid = size // base.model.config.vision_config.patch_size
     examples = generate_examples(args.n, DATA_SEED, kind="inspection", size=size)
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _ in examples])).permute(0, 3, 1, 2)
+    pixels = pixel_tensor(examples)
     labels, patch = [], []
     for _, record in examples:
         meta = record["meta"]
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             labels.append((1 + DEFECT_TYPES.index(meta["defect"]), GRID_CELLS.index(meta["defect_location"]),
                            int(meta["size_class"] == "tiny")))
-            patch.append(min(grid - 1, int(defect["y"] * grid)) * grid + min(grid - 1, int(defect["x"] * grid)))
+            patch.append(defect_patch(defect, grid))
     y, patch_t = torch.tensor(labels), torch.tensor(patch)
     n_train = int(0.8 * args.n)
     results: dict[str, Any] = {

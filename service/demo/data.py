@@ -66,12 +66,24 @@ class ImagePool:
         return int(self.part.shape[0])
 
 
+def pixel_tensor(examples: list) -> torch.Tensor:
+    """Rendered ``(image, record)`` examples → uint8 pixels ``[N, 3, S, S]``."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _ in examples])).permute(0, 3, 1, 2)
+
+
+def defect_patch(scene_defect: dict, grid: int) -> int:
+    """Row-major index of the patch, on a ``grid`` × ``grid`` patch grid, holding the defect's centre."""
+    col = min(grid - 1, max(0, int(scene_defect["x"] * grid)))
+    row = min(grid - 1, max(0, int(scene_defect["y"] * grid)))
+    return row * grid + col
+
+
 def build_pool(n: int, seed: int, size: int = DEMO_PRESET.image_size) -> ImagePool:
     """Render ``n`` general scenes (seed must differ from :data:`EVAL_SEED`)."""
     if seed == EVAL_SEED:
         raise ValueError(f"seed {EVAL_SEED} is reserved for held-out evaluation")
     examples = generate_examples(n, seed, kind="general", size=size)
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _ in examples])).permute(0, 3, 1, 2)
+    pixels = pixel_tensor(examples)
     part, colour, count, position, occupancy, answers = [], [], [], [], [], []
     for _, record in examples:
         meta = record["meta"]
@@ -118,7 +130,7 @@ def build_defect_pool(n: int, seed: int, patch_size: int = DEMO_PRESET.patch_siz
     if seed == EVAL_SEED:
         raise ValueError(f"seed {EVAL_SEED} is reserved for held-out evaluation")
     examples = generate_examples(n, seed, kind="inspection", size=size)
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _ in examples])).permute(0, 3, 1, 2)
+    pixels = pixel_tensor(examples)
     grid = size // patch_size
     defect, patch = [], []
     for _, record in examples:
@@ -128,9 +140,7 @@ def build_defect_pool(n: int, seed: int, patch_size: int = DEMO_PRESET.patch_siz
             patch.append(-1)
             continue
         defect.append(1 + DEFECT_TYPES.index(scene_defect["defect_type"]))
-        col = min(grid - 1, max(0, int(scene_defect["x"] * grid)))
-        row = min(grid - 1, max(0, int(scene_defect["y"] * grid)))
-        patch.append(row * grid + col)
+        patch.append(defect_patch(scene_defect, grid))
     return DefectPool(pixels.contiguous(), torch.tensor(defect), torch.tensor(patch))
 
 

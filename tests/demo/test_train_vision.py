@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from service.demo.data import build_defect_pool, build_pool
 from service.demo.train_base import DefectHead, train_vision
-from service.world import DEFECT_TYPES
+from service.world import DEFECT_TYPES, generate_examples
 
 
 def test_defect_pool_labels_the_patch_that_holds_the_defect():
@@ -20,6 +20,10 @@ def test_defect_pool_labels_the_patch_that_holds_the_defect():
     assert 0 < defective.sum() < 40  # half defective by default
     assert torch.equal(pool.patch >= 0, defective)
     assert int(pool.patch.max()) < 12 * 12 and int(pool.defect.max()) <= len(DEFECT_TYPES)
+    scenes = [record["meta"]["scene"]["defect"] for _, record in generate_examples(40, 3, kind="inspection", size=96)]
+    for i, scene_defect in enumerate(scenes):  # a plain reference: column from x, row from y
+        if scene_defect is not None:
+            assert pool.patch[i] == int(scene_defect["y"] * 12) * 12 + int(scene_defect["x"] * 12)
     coarse = build_defect_pool(40, seed=3, patch_size=32, size=96)  # same scenes, 3x3 patches
     assert torch.equal(coarse.defect, pool.defect)
     rows, cols = pool.patch[defective] // 12, pool.patch[defective] % 12
