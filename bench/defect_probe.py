@@ -178,7 +178,9 @@ def fresh_tower_by_patch(patch_size: int, n_train: int, n_held_out: int, steps: 
                               image_size=size, patch_size=patch_size, hidden_act="quick_gelu")
     tower = CLIPVisionModel(config)
     dim = config.hidden_size
-    head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, N_CLASSES))
+    from service.demo.train_base import DefectHead
+
+    head = DefectHead(dim)  # the recipe's head with its default loss (defect patch weighted HW / 4)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     mean, std = [0.5] * 3, [0.25] * 3
@@ -186,15 +188,13 @@ def fresh_tower_by_patch(patch_size: int, n_train: int, n_held_out: int, steps: 
     def patch_logits(p: torch.Tensor) -> torch.Tensor:
         return head(tower(normalise(p, mean, std), output_hidden_states=True).hidden_states[-2][:, 1:])
 
-    from service.demo.train_base import DefectHead
-
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(n_train, (batch_size,), generator=gen)
-        loss = DefectHead.loss(patch_logits(pool.pixels[idx]), pool.defect[idx], pool.patch[idx])
+        loss = head.loss(patch_logits(pool.pixels[idx]), pool.defect[idx], pool.patch[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,7 +206,7 @@ def fresh_tower_by_patch(patch_size: int, n_train: int, n_held_out: int, steps: 
     tower.eval()
     with torch.no_grad():
         logits = torch.cat([patch_logits(pool.pixels[i : i + 200]) for i in range(n_train, len(pool), 200)])
-    called, truth = DefectHead.image_presence(logits), pool.defect[n_train:] > 0
+    called, truth = head.image_presence(logits), pool.defect[n_train:] > 0
     return {
         "tokens": (size // patch_size) ** 2,
         "presence": round((called == truth).float().mean().item(), 4),

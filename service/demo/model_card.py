@@ -35,10 +35,118 @@ def _inspection_table(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+def stages(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The commands that made the base, oldest first: ``previous`` (or the older ``stage1``) + this one."""
+    earlier = list(section.get("previous", []))
+    if "stage1" in section:
+        earlier.append(section["stage1"])
+    return earlier + [section]
+
+
+def _with_out(command: str, out: str) -> str:
+    """``command`` writing to ``out`` (an intermediate stage writes where the next one reads)."""
+    words = command.split()
+    if "--out" in words:
+        words[words.index("--out") + 1] = out
+    return " ".join(words)
+
+
+def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -> str:
+    """One paragraph on what command ``number`` trains."""
+    vision, language = stage["vision"], stage["language"]
+    defects = stage.get("defect_pool_images")
+    patch_weight = stage.get("defect_patch_weight")
+    head = (
+        "a per-patch defect-type head (the patch holding the defect carries its type, every other patch `none`, "
+        + (f"the defect patch weighted {patch_weight:g}" if patch_weight else "the defect patch weighted patches / 4")
+        + (
+            f", plus an image-level defective/ok term weighted {stage['defect_image_weight']:g}"
+            if stage.get("defect_image_weight")
+            else ""
+        )
+        + ")"
+    )
+    language_text = (
+        f"language stage ({steps_run.get('language_steps_run', language['steps'])} steps run, batch "
+        f"{language['batch']}, AdamW lr {language['lr']}): tower frozen; LLM, VCE attention and MLP projector "
+        "trained on the answer tokens of general questions only (`service.model.training.adapter_loss`)"
+        + (
+            f", plus {head} on the projector output (LLM space) on {stage['defect_batch']} inspection close-ups "
+            f"per step (weight {stage['language_defect_weight']}), which keeps in what the LLM reads the defect "
+            "signal the tower carries (trained on general answers alone, the projector drops it; see the notes)"
+            if stage.get("language_defect_weight")
+            else ""
+        )
+        + "."
+    )
+    data = (
+        f"{stage['pool_images']} rendered general scenes (world seed {stage['pool_seed']}; 1-4 parts of one type "
+        "and colour on a conveyor), questions drawn on the fly (part, colour, count, position; position only for "
+        "one-part scenes)"
+        + (
+            f" and {defects} rendered inspection close-ups (world seed {stage['defect_pool_seed']}, half defective) "
+            "with per-patch defect labels"
+            if defects
+            else ""
+        )
+    )
+    if stage.get("vision_distill_weight"):
+        vision_text = (
+            f"Tower sharpening ({steps_run.get('vision_final', {}).get('steps', vision['steps'])} steps run, "
+            f"AdamW lr {vision['lr']}, warm-up + cosine): the tower continues alone with {head} on "
+            f"{stage['defect_batch']} close-ups per step, while on {vision['batch']} general scenes per step every "
+            "hidden state the VCE reads is pulled towards the starting tower's (mean squared error over its "
+            f"variance, weight {stage['vision_distill_weight']:g}), so the projector and LLM trained on the old "
+            "features stay valid. Then the "
+        )
+    elif vision["steps"] and not stage.get("init_from"):
+        vision_text = (
+            f"Vision stage ({vision['steps']} steps max, batch {vision['batch']}, AdamW lr {vision['lr']}, warm-up + "
+            "cosine): the vision tower alone, with throw-away attention-pooling classification heads on the patch "
+            "tokens of the projected layer (-2): part type, colour, count, position and a 9-cell occupancy map"
+            + (
+                f"; plus, on {stage['defect_batch']} inspection close-ups per step, {head} (loss weight "
+                f"{stage.get('defect_weight', 1.0)}; the first {stage.get('defect_warmup_steps', 0)} steps train it "
+                "alone), so that the features carry 1-2 px defects for a `line-inspection` adapter to read"
+                if defects
+                else ""
+            )
+            + ". This is the cheap objective DESIGN.md section 6 asks for; end-to-end training from scratch stays "
+            "at chance on shape. Then the "
+        )
+    else:
+        vision_text = "The "
+    origin = "from scratch" if not stage.get("init_from") else "from the previous command's output"
+    return f"{number}. **Command {number}** ({origin}; data: {data}). {vision_text}{language_text}"
+
+
+def _recipe_lines(recipe: dict[str, Any], training: dict[str, Any]) -> list[str]:
+    chain, runs = stages(recipe), stages(training)
+    commands = [
+        _with_out(stage["command"], chain[i + 1]["init_from"]) if i + 1 < len(chain) else stage["command"]
+        for i, stage in enumerate(chain)
+    ]
+    lines = [
+        f"{len(chain)} command{'s' if len(chain) > 1 else ''}"
+        + (", each continuing from the previous one's output (`--init-from`):" if len(chain) > 1 else ":"),
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    for i, (stage, run) in enumerate(zip(chain, runs, strict=False)):
+        lines.append(_stage_text(i + 1, stage, run))
+    earlier = [run.get("eval_general") for run in runs[:-1]]
+    if any(value is not None for value in earlier):
+        shown = ", ".join(f"command {i + 1}: {_pct(v)}" for i, v in enumerate(earlier) if v is not None)
+        lines += ["", f"Held-out general accuracy after the earlier commands: {shown}."]
+    return lines
+
+
 def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_ms: float | None = None) -> str:
     """The Markdown model card."""
     arch, recipe, training = card["architecture"], card["recipe"], card["training"]
-    stage1 = recipe.get("stage1", recipe)  # a one-command recipe is its own first stage
     p = arch["preset"]
     general = card["eval"]["general"]
     lines = [
@@ -66,70 +174,21 @@ def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_
         "",
         "## Recipe",
         "",
-        *(
-            [
-                "Two commands: the first trains from scratch (stages 1 and 2), the second continues stage 2 from its",
-                "output with a defect-preserving head on the projector (stage 3).",
-                "",
-                "```",
-                stage1["command"],
-                recipe["command"],
-                "```",
-            ]
-            if "stage1" in recipe
-            else ["```", recipe["command"], "```"]
-        ),
-        "",
-        f"Seed {recipe['seed']}. Data: {stage1['pool_images']} rendered *general* scenes (world seed "
-        f"{stage1['pool_seed']}; 1-4 parts of one type and colour on a conveyor), questions drawn on the fly "
-        "(part, colour, count, position; position only for one-part scenes)."
-        + (
-            f" The vision stage also sees {stage1['defect_pool_images']} rendered inspection close-ups (world seed "
-            f"{stage1['defect_pool_seed']}, half defective) with per-patch defect labels; no inspection *question* "
-            "is ever trained, so the base cannot answer one."
-            if stage1.get("defect_pool_images")
-            else " No inspection data is used."
-        ),
-        "",
-        f"1. Vision stage ({stage1['vision']['steps']} steps max, batch {stage1['vision']['batch']}, AdamW "
-        f"lr {stage1['vision']['lr']}, warm-up + cosine): the vision tower alone, with throw-away attention-pooling "
-        "classification heads on the patch tokens of the projected layer (-2): part type, colour, count, position "
-        "and a 9-cell occupancy map"
-        + (
-            f"; plus, on {stage1['defect_batch']} inspection close-ups per step, a per-patch defect-type head "
-            "(the patch holding the defect carries its type, every other patch `none`, the defect patch weighted "
-            f"up; loss weight {stage1.get('defect_weight', 1.0)}; the first {stage1.get('defect_warmup_steps', 0)} "
-            "steps train it alone), so that the features carry 1-2 px defects for a `line-inspection` adapter to read"
-            if stage1.get("defect_pool_images")
-            else ""
-        )
-        + ". This is the cheap objective DESIGN.md section 6 asks for; end-to-end "
-        "training from scratch stays at chance on shape.",
-        f"2. Language stage ({training.get('stage1', training).get('language_steps_run', stage1['language']['steps'])} "
-        f"steps run, batch {stage1['language']['batch']}, AdamW lr {stage1['language']['lr']}): tower frozen; LLM, "
-        "VCE attention and MLP projector trained on the answer tokens only (`service.model.training.adapter_loss`).",
-        *(
-            [
-                f"3. Defect-preserving continuation ({recipe['language']['steps']} steps max, batch "
-                f"{recipe['language']['batch']}, AdamW lr {recipe['language']['lr']}): stage 2 again, plus a throw-away "
-                f"per-patch defect head on the projector output (LLM space) on {recipe['defect_batch']} inspection "
-                f"close-ups per step (weight {recipe['language_defect_weight']}). Trained on general answers alone, "
-                "the projector had dropped the defect signal the tower carries (see the notes); the LLM still never "
-                "sees an inspection question.",
-            ]
-            if "stage1" in recipe
-            else []
-        ),
+        *_recipe_lines(recipe, training),
         "",
         "Saved with `save_base` in float16; the fingerprint above is that of the saved weights loaded in float32.",
         "",
-        f"Final training statistics (smoothed): vision stage {training['vision_final']}, language loss "
-        f"{training['language_final_loss']}.",
+        f"Final training statistics of the last command (smoothed): vision stage {training['vision_final']}, "
+        f"language loss {training['language_final_loss']}.",
         "",
-        f"Training time: {training['seconds']['total'] / 60:.1f} min wall "
-        f"(vision {training['seconds']['vision']:.0f} s, language {training['seconds']['language']:.0f} s, data and "
-        f"setup {training['seconds']['data_and_setup']:.0f} s) on a 2-core x86_64 CPU (AMD EPYC, "
-        f"{training['threads']} torch threads, no GPU), shared with other jobs at times.",
+        f"Training time: {sum(run['seconds']['total'] for run in stages(training)) / 60:.1f} min wall in all ("
+        + "; ".join(
+            f"command {i + 1}: {run['seconds']['total'] / 60:.1f} min, vision {run['seconds']['vision']:.0f} s, "
+            f"language {run['seconds']['language']:.0f} s"
+            for i, run in enumerate(stages(training))
+        )
+        + f") on a 2-core x86_64 CPU (AMD EPYC, {training['threads']} torch threads, no GPU), shared with other "
+        "jobs at times.",
         "",
         "## Held-out accuracy",
         "",

@@ -47,21 +47,49 @@ def test_defect_loss_matches_a_weighted_cross_entropy_by_hand():
             w = 4 / 4 if target else 1.0
             total += w * F.cross_entropy(logits[b, n][None], torch.tensor([target])).item()
             weights += w
-    assert math.isclose(DefectHead.loss(logits, defect, patch).item(), total / weights, rel_tol=1e-5)
+    head = DefectHead(8)  # default rule: the defect patch weighs HW / 4, no image-level term
+    assert math.isclose(head.loss(logits, defect, patch).item(), total / weights, rel_tol=1e-5)
     # with 16 patches the one defect patch weighs 16 / 4 = 4 against 1 for each of the other 15
     logits = torch.zeros(1, 16, 1 + len(DEFECT_TYPES))
     logits[0, 5, 0] = 5.0  # confident "none" on the defect patch: the miss costs 4x
     per_patch = F.cross_entropy(logits[0], torch.tensor([2 if n == 5 else 0 for n in range(16)]), reduction="none")
     expected = (per_patch.sum() + 3 * per_patch[5]) / (15 + 4)
-    assert math.isclose(DefectHead.loss(logits, torch.tensor([2]), torch.tensor([5])).item(), expected.item(),
+    assert math.isclose(head.loss(logits, torch.tensor([2]), torch.tensor([5])).item(), expected.item(),
                         rel_tol=1e-5)
+    # an explicit patch weight replaces HW / 4
+    expected = (per_patch.sum() + 8 * per_patch[5]) / (15 + 9)
+    assert math.isclose(DefectHead(8, patch_weight=9.0).loss(logits, torch.tensor([2]), torch.tensor([5])).item(),
+                        expected.item(), rel_tol=1e-5)
+
+
+def test_image_score_is_a_log_mean_exp_of_patch_log_odds():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5, 1 + len(DEFECT_TYPES), dtype=torch.float64)
+    for b in range(3):  # by hand: odds of "some defect" per patch, averaged over patches, as log-odds
+        odds = [logits[b, n, 1:].exp().sum() / logits[b, n, 0].exp() for n in range(5)]
+        assert math.isclose(DefectHead.image_score(logits)[b].item(), math.log(sum(odds) / 5), rel_tol=1e-9)
+
+
+def test_image_term_adds_a_defective_or_ok_cross_entropy():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 6, 1 + len(DEFECT_TYPES))
+    defect, patch = torch.tensor([0, 2, 0, 5]), torch.tensor([-1, 3, -1, 0])
+    plain = DefectHead(8, patch_weight=2.0).loss(logits, defect, patch)
+    with_image = DefectHead(8, patch_weight=2.0, image_weight=0.5).loss(logits, defect, patch)
+    truth = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    probability = torch.sigmoid(DefectHead.image_score(logits))
+    bce = -(truth * probability.log() + (1 - truth) * (1 - probability).log()).mean()
+    assert math.isclose((with_image - plain).item(), 0.5 * bce.item(), rel_tol=1e-5)
+    # with the image term the call is the image-level score, not "any patch above 0.5"
+    head = DefectHead(8, image_weight=1.0)
+    assert torch.equal(head.image_presence(logits), DefectHead.image_score(logits) > 0)
 
 
 def test_image_presence_is_any_patch_more_likely_defective():
     none = torch.tensor([4.0, 0, 0, 0, 0, 0])
     some = torch.tensor([0.0, 4, 0, 0, 0, 0])
     logits = torch.stack([torch.stack([none, none, none]), torch.stack([none, some, none])])
-    assert DefectHead.image_presence(logits).tolist() == [False, True]
+    assert DefectHead(8).image_presence(logits).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("warmup", [0, 1])
@@ -79,3 +107,43 @@ def test_vision_stage_with_defects_trains_the_tower_and_reports_defect_accuracy(
     assert any(not torch.equal(v, tower.state_dict()[k]) for k, v in before.items())
     assert torch.equal(llm_before, tiny_base.model.model.language_model.layers[0].mlp.up_proj.weight)
     assert all(not p.requires_grad for p in tower.parameters())
+
+
+def test_distilled_vision_stage_trains_the_defect_head_without_attribute_heads(tiny_base):
+    """``distill_weight``: no attribute heads; the general scenes pull every VCE-read layer back."""
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    tower = tiny_base.model.model.vision_tower
+    stats = train_vision(tiny_base, build_pool(16, seed=5, size=size), steps=3, batch_size=4, lr=1e-2, seed=0,
+                         defects=build_defect_pool(16, seed=6, patch_size=patch, size=size), defect_batch=4,
+                         defect_patch_weight=3.0, defect_image_weight=1.0, distill_weight=1.0)
+    assert stats["steps"] == 3 and "distill" in stats and "acc_defect" in stats
+    assert not any(k.startswith("acc_part") for k in stats)  # no attribute heads in this mode
+    assert stats["distill"] > 0  # the tower moved, and the distillation term measured it
+    assert all(not p.requires_grad for p in tower.parameters())
+
+
+def test_distillation_weight_holds_the_features_the_vce_reads(tiny_base):
+    """The same defect training drifts the VCE-read layers far less with a strong distillation weight."""
+    from service.demo.data import normalise
+    from service.demo.train_base import vce_hidden_states
+
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    tower = tiny_base.model.model.vision_tower
+    layers = list(tiny_base.vce_config.feature_layers)
+    pool, defects = build_pool(16, seed=5, size=size), build_defect_pool(16, seed=6, patch_size=patch, size=size)
+    pixels = normalise(pool.pixels, tiny_base.image_processor.image_mean, tiny_base.image_processor.image_std)
+    initial = {k: v.clone() for k, v in tower.state_dict().items()}
+    with torch.no_grad():
+        start = vce_hidden_states(tower, pixels, layers)
+    drift = {}
+    for weight in (1e-3, 100.0):
+        tower.load_state_dict(initial)
+        train_vision(tiny_base, pool, steps=6, batch_size=16, lr=3e-3, seed=0, defects=defects, defect_batch=8,
+                     defect_weight=5.0, distill_weight=weight)
+        with torch.no_grad():
+            after = vce_hidden_states(tower, pixels, layers)
+        drift[weight] = sum(F.mse_loss(a, b).item() for a, b in zip(after, start, strict=True))
+    tower.load_state_dict(initial)
+    assert drift[100.0] < 0.5 * drift[1e-3], drift

@@ -1,0 +1,76 @@
+"""The demo recipe's record: the command it writes reruns it, and continued bases keep their history."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from service.demo.train_base import build_parser, chain_previous_stages, recipe_command
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--out", "/tmp/x", "--seed", "3", "--defect-warmup-steps", "250", "--vision-minutes", "0"],
+        ["--init-from", "/tmp/stage2", "--vision-distill-weight", "1", "--defect-patch-weight", "9",
+         "--defect-image-weight", "1", "--language-defect-weight", "1"],
+    ],
+)
+def test_recorded_command_parses_back_to_the_same_options(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = recipe_command(args)
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "service.demo.train_base"]
+    assert vars(parser.parse_args(words[3:])) == vars(args)
+
+
+def _card(command: str, accuracy: float, **recipe) -> dict:
+    return {
+        "recipe": {"command": command, **recipe},
+        "training": {"seconds": {"total": 1.0}},
+        "eval": {"general": {"accuracy": accuracy}},
+    }
+
+
+def test_continuing_a_base_keeps_every_earlier_stage_in_order():
+    first = _card("one", 0.93)
+    second = _card("two", 0.955, init_from="/tmp/one")
+    chain_previous_stages(second, first)
+    third = _card("three", 0.96, init_from="/tmp/two")
+    chain_previous_stages(third, second)
+    assert [r["command"] for r in third["recipe"]["previous"]] == ["one", "two"]
+    assert [t["eval_general"] for t in third["training"]["previous"]] == [0.93, 0.955]
+    assert "previous" not in third["recipe"]["previous"][1]  # flat, not nested
+
+
+def test_a_card_with_the_older_stage1_layout_chains_too():
+    older = _card("two", 0.955, init_from="/tmp/one", stage1={"command": "one"})
+    older["training"].update(stage1={"seconds": {"total": 2.0}}, stage1_eval_general=0.93)
+    new = _card("three", 0.96, init_from="/tmp/two")
+    chain_previous_stages(new, older)
+    assert [r["command"] for r in new["recipe"]["previous"]] == ["one", "two"]
+    assert [t["seconds"]["total"] for t in new["training"]["previous"]] == [2.0, 1.0]
+    assert [t["eval_general"] for t in new["training"]["previous"]] == [0.93, 0.955]
+
+
+def test_model_card_lists_every_command_and_where_each_writes():
+    from service.demo.model_card import _recipe_lines
+
+    def stage(command: str, init_from: str | None) -> dict:
+        return {"command": command, "init_from": init_from, "seed": 0, "pool_images": 10, "pool_seed": 1000,
+                "vision": {"steps": 0 if init_from else 5, "batch": 4, "lr": 1e-3},
+                "language": {"steps": 5, "batch": 4, "lr": 1e-3}}
+
+    first = stage("python -m service.demo.train_base --out service/assets/demo-base --seed 0", None)
+    second = stage("python -m service.demo.train_base --out service/assets/demo-base --init-from /tmp/a", "/tmp/a")
+    last = {**stage("python -m service.demo.train_base --out service/assets/demo-base --init-from /tmp/b", "/tmp/b"),
+            "previous": [first, second]}
+    runs = {"language_steps_run": 5, "previous": [{"language_steps_run": 5}, {"language_steps_run": 5}]}
+    text = "\n".join(_recipe_lines(last, runs))
+    commands = [line for line in text.splitlines() if line.startswith("python -m")]
+    # each intermediate command writes where the next one reads; the last one writes the committed base
+    assert [c.split("--out ")[1].split()[0] for c in commands] == ["/tmp/a", "/tmp/b", "service/assets/demo-base"]
+    assert "3 commands" in text and "**Command 3** (from the previous command's output" in text
