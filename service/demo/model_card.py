@@ -99,7 +99,7 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             f"variance, weight {stage['vision_distill_weight']:g}), so the projector and LLM trained on the old "
             "features stay valid. Then the "
         )
-    elif vision["steps"] and not stage.get("init_from"):
+    elif vision["steps"]:
         vision_text = (
             f"Vision stage ({vision['steps']} steps max, batch {vision['batch']}, AdamW lr {vision['lr']}, warm-up + "
             "cosine): the vision tower alone, with throw-away attention-pooling classification heads on the patch "

@@ -3,7 +3,8 @@
 1. start the server (embedded demo base, a fresh adapter store and job database under ``data/``);
 2. generate a labelled line-inspection dataset (ZIP upload format) and held-out images;
 3. ask ``/v1/answer`` on the held-out images with the base: inspection is near chance;
-4. ``POST /v1/finetune`` a ``line-inspection`` adapter and follow the job;
+4. ``POST /v1/finetune`` a ``line-inspection`` adapter and follow the job, while another thread keeps
+   asking the base general questions (the server serves while it trains);
 5. ask again with ``adapter=line-inspection`` and print accuracy before and after.
 
     python -m service.demo.story [--n-train 1500] [--n-test 120] [--epochs 8] [--batch-size 32]
@@ -21,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +81,49 @@ def ask_all(url: str, examples, adapter: str | None) -> list[str]:
         return list(pool.map(ask, examples))
 
 
+class BackgroundTraffic:
+    """Base-model questions sent one after another from a thread while the fine-tune runs.
+
+    Shows that the server keeps answering other users during training (the base is shared).
+    """
+
+    def __init__(self, url: str, examples):
+        self.url, self.examples = url, examples
+        self.records: list[dict] = []
+        self.answers: list[str] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BackgroundTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        k = 0
+        while not self._stop.is_set():
+            item = self.examples[k % len(self.examples)]
+            k += 1
+            try:
+                answer = ask_all(self.url, [item], None)[0]
+            except httpx.HTTPError:
+                self.failed += 1
+            else:
+                self.records.append(item[1])
+                self.answers.append(answer)
+            self._stop.wait(0.5)
+
+    def summary(self) -> dict:
+        from service.demo.evaluate import general_metrics
+
+        accuracy = general_metrics(self.records, self.answers)["accuracy"] if self.records else None
+        return {"answered": len(self.answers), "accuracy": accuracy, "failed": self.failed}
+
+
 def fmt(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -117,9 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
         job = client.submit(url, "line-inspection", dataset, {
             "epochs": args.epochs, "rank": args.rank, "alpha": 2 * args.rank, "learning_rate": args.learning_rate,
             "batch_size": args.batch_size, "validation_split": 0.1, "seed": 0})
-        job = client.follow(url, job["id"])
+        general = generate_examples(8, seed=303, kind="general")
+        with BackgroundTraffic(url, general) as traffic:
+            job = client.follow(url, job["id"])
         if job["status"] != "succeeded":
             raise SystemExit(f"fine-tuning {job['status']}: {job.get('error')}")
+        listing = httpx.get(url + "/v1/adapters/line-inspection", timeout=30).json()
+        served = traffic.summary()
+        print(f"      published line-inspection, live version {listing.get('live_version')}; meanwhile the server "
+              f"answered {served['answered']} general questions with the base ({fmt(served['accuracy'])} right, "
+              f"{served['failed']} failed)")
 
         print("[5/5] asking again with adapter=line-inspection")
         after = inspection_metrics(records, ask_all(url, test, "line-inspection"))
@@ -141,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| exact match, {size} defects | {fmt(b.get('exact_match'))} | {fmt(a.get('exact_match'))} |")
     ok_share = sum(record["answer"] == OK_ANSWER for record in records) / len(records)
     print(f"\n(answering `ok` to every image would score {fmt(ok_share)} defective / ok)")
-    return {"before": before, "after": after, "ok_share": ok_share, "job": job}
+    return {"before": before, "after": after, "ok_share": ok_share, "job": job, "adapter": listing,
+            "served_while_training": served}
 
 
 if __name__ == "__main__":
