@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service.model.base import BaseModel, load_base
-from service.model.generate import GenerationRequest, ImageFeatureCache, generate
+from service.model.generate import GenerationRequest, ImageFeatureCache, answer_token_budget, generate
 from service.model.lora.weights import AdapterWeights
 from service.world import generate_examples, inspection_fields
 
@@ -91,18 +91,22 @@ def inspection_metrics(records: Sequence[Record], predictions: Sequence[str]) ->
     ``defective_accuracy``: the defective/ok call is right (an unparsable answer is wrong);
     ``type_accuracy`` and ``location_accuracy``: over images that have a defect;
     ``exact_match``: all parsed fields equal (``ok`` for ``ok``). ``by_size`` splits the
-    defective images into ``tiny`` and ``large``; the ok images are reported as ``ok``.
+    defective images into ``tiny`` and ``large``, ``by_defect`` by their true defect type; both
+    report the ok images as ``ok``.
     """
     if len(records) != len(predictions):
         raise ValueError("records and predictions differ in length")
     pairs = list(zip(records, predictions, strict=True))
     groups: dict[str, list[tuple[Record, str]]] = defaultdict(list)
+    by_defect: dict[str, list[tuple[Record, str]]] = defaultdict(list)
     for record, pred in pairs:
         size = (record.get("meta") or {}).get("size_class")
-        defective = inspection_fields(record["answer"]).defective
-        groups[size if defective and size else ("ok" if not defective else "unknown")].append((record, pred))
+        truth = inspection_fields(record["answer"])
+        groups[size if truth.defective and size else ("ok" if not truth.defective else "unknown")].append((record, pred))
+        by_defect[(truth.defect_type or "unknown") if truth.defective else "ok"].append((record, pred))
     result = _inspection_counts(pairs)
     result["by_size"] = {name: _inspection_counts(group) for name, group in sorted(groups.items())}
+    result["by_defect"] = {name: _inspection_counts(group) for name, group in sorted(by_defect.items())}
     return result
 
 
@@ -111,15 +115,18 @@ def answer_all(
     examples: Sequence[tuple[Any, Record]],
     slot: int = 0,
     batch_size: int = 50,
-    max_new_tokens: int = 12,
+    max_new_tokens: int | None = None,
     adapter: AdapterWeights | None = None,
     cache: ImageFeatureCache | None = None,
 ) -> list[str]:
     """Greedy answers of ``base`` to every example, in batches.
 
     The adapter is the one in ``slot``, or ``adapter`` (a trainable one, on every row) when given;
-    ``cache`` reuses image features across calls.
+    ``cache`` reuses image features across calls. ``max_new_tokens`` defaults to what the longest
+    reference answer needs (:func:`answer_token_budget`), so no correct answer is cut short.
     """
+    if max_new_tokens is None:
+        max_new_tokens = answer_token_budget(base, [r["answer"] for _, r in examples])
     answers: list[str] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]

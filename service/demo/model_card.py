@@ -27,6 +27,7 @@ def _inspection_table(metrics: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     groups = [("all", metrics)] + sorted(metrics.get("by_size", {}).items())
+    groups += [(f"{name} only", m) for name, m in sorted(metrics.get("by_defect", {}).items()) if name != "ok"]
     for name, m in groups:
         rows.append(
             f"| {name} | {m['n']} | {_pct(m['defective_accuracy'])} | {_pct(m['type_accuracy'])} | "

@@ -104,6 +104,20 @@ def encode_prompt(base: BaseModel, instruction: str, n_images: int) -> list[int]
     return expanded
 
 
+def answer_token_budget(base: BaseModel, answers: list[str], margin: int = 4) -> int:
+    """``max_new_tokens`` that fits the longest of ``answers`` (as the model writes it) plus ``margin``.
+
+    Scoring generated answers against references with a fixed cap silently truncates the long
+    ones (an inspection answer such as ``defect: missing_hole, top-right`` is 23 tokens with the
+    demo tokenizer), and a truncated answer counts as wrong.
+    """
+    longest = max(
+        (len(base.tokenizer(base.prompt.answer_prefix + a, add_special_tokens=False)["input_ids"]) for a in answers),
+        default=0,
+    )
+    return longest + margin
+
+
 def _check_length(base: BaseModel, n_tokens: int, max_new_tokens: int) -> None:
     if n_tokens + max_new_tokens > base.max_context:
         raise PromptTooLongError(

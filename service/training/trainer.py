@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from service.model.base import BaseModel
-from service.model.generate import GenerationRequest, ImageFeatureCache, generate
+from service.model.generate import GenerationRequest, ImageFeatureCache, answer_token_budget, generate
 from service.model.lora import AdapterConfig, AdapterLoadError, AdapterWeights, load_adapter, save_adapter
 from service.model.training import TrainingExample, adapter_loss, build_batch, trainable_adapter
 from service.registry.store import AdapterStore
@@ -173,7 +173,7 @@ class FinetuneRunner:
                  batch_size: int = 16) -> dict:
         """Validation loss and exact-match accuracy (answers compared case- and space-insensitively)."""
         losses, correct = [], 0
-        max_tokens = max(len(self.base.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples) + 4
+        max_tokens = answer_token_budget(self.base, [e.answer for e in examples])
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             feats = self._features(chunk, cache)

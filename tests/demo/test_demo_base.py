@@ -65,3 +65,28 @@ def test_model_card_states_the_recorded_numbers(card):
     general = card["eval"]["general"]["per_type"]
     for qtype, row in general.items():
         assert re.search(rf"{qtype}\b.*{row['accuracy'] * 100:.1f}", text), qtype
+
+
+def test_evaluation_gives_the_longest_inspection_answer_room(demo_base, monkeypatch):
+    """A fixed 12-token cap once cut ``defect: missing_hole, top-right`` (23 tokens) short and
+    scored it as a wrong type and location; the evaluator now sizes the cap from the references."""
+    from service.demo import evaluate as evaluation
+    from service.world import generate_examples
+
+    examples = generate_examples(60, 4321, kind="inspection", size=demo_base.model.config.vision_config.image_size)
+    longest = max(
+        len(demo_base.tokenizer(demo_base.prompt.answer_prefix + r["answer"], add_special_tokens=False)["input_ids"])
+        for _, r in examples
+    )
+    assert longest > 12  # the old cap would have truncated this set
+    caps: list[int] = []
+    real_generate = evaluation.generate
+
+    def spy(base, requests, **kwargs):
+        caps.extend(r.max_new_tokens for r in requests)
+        return real_generate(base, requests, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", spy)
+    answers = evaluation.answer_all(demo_base, examples, batch_size=60)
+    assert len(answers) == len(caps) == 60
+    assert min(caps) >= longest

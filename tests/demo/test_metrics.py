@@ -63,6 +63,11 @@ def test_inspection_metrics_fields_exact_match_and_size_split():
     assert tiny["n"] == 2 and tiny["exact_match"] == 0.5 and tiny["defective_accuracy"] == 0.5
     assert large["n"] == 1 and large["type_accuracy"] == 0.0 and large["location_accuracy"] == 1.0
     assert ok["n"] == 2 and ok["exact_match"] == 0.5 and ok["type_accuracy"] is None
+    by_defect = result["by_defect"]
+    assert sorted(by_defect) == ["crack", "missing_hole", "ok", "scratch"]
+    assert by_defect["crack"]["defective_accuracy"] == 1.0 and by_defect["crack"]["type_accuracy"] == 0.0
+    assert by_defect["missing_hole"]["defective_accuracy"] == 0.0
+    assert by_defect["scratch"]["exact_match"] == 1.0 and by_defect["ok"] == ok
 
 
 def test_inspection_metrics_accept_tolerant_spellings():
