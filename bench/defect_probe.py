@@ -19,8 +19,9 @@ inspection images (half of them defective, tiny and large defects):
     python bench/defect_probe.py [--n 3000] [--probe-steps 600] [--finetune-steps 300] [--parts probe finetune]
     python bench/defect_probe.py --parts patch --patch-sizes 12 8 6 --out bench/results/defect_patch.json
 
-Results go to ``--out`` (default ``bench/results/defect_probe.json``); the figures are quoted in
-docs/model-card.md.
+Results go to ``--out`` (default ``bench/results/defect_probe.json``, measured on an earlier base;
+``defect_probe_fb24e29a.json`` is the current base's probe, with per-type recall); the figures are
+quoted in docs/model-card.md.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Probe(nn.Module):
 
 
 def scores(type_logits: torch.Tensor, cell_logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, float]:
-    """Presence, type (incl. none), location on defective images, and tiny / large recall."""
+    """Presence, type (incl. none), location on defective images, tiny / large and per-type recall."""
     pred = type_logits.argmax(-1)
     defective = labels[:, 0] > 0
     tiny = defective & (labels[:, 2] == 1)
@@ -84,6 +85,11 @@ def scores(type_logits: torch.Tensor, cell_logits: torch.Tensor | None, labels: 
         "large_recall": (pred > 0)[large].float().mean().item(),
         "ok_specificity": (pred == 0)[~defective].float().mean().item(),
     }
+    # Recall per defect type: which defects the features carry (an adapter cannot read the others).
+    for k, name in enumerate(DEFECT_TYPES, start=1):
+        of_type = labels[:, 0] == k
+        if of_type.any():
+            out[f"recall_{name}"] = (pred > 0)[of_type].float().mean().item()
     if cell_logits is not None:
         out["location"] = (cell_logits.argmax(-1)[defective] == labels[defective, 1]).float().mean().item()
     return {k: round(v, 4) for k, v in out.items()}
