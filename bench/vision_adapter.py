@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,11 +37,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.demo.data import EVAL_SEED  # noqa: E402
 from service.demo.evaluate import answer_all, inspection_metrics  # noqa: E402
+from service.demo.finetune_adapter import train_adapter  # noqa: E402
 from service.model.base import BaseModel, load_base  # noqa: E402
 from service.model.lora import AdapterConfig, adapter_batch  # noqa: E402
 from service.model.lora.slots import inject_adapter_slots  # noqa: E402
 from service.model.lora.weights import AdapterWeights  # noqa: E402
-from service.model.training import TrainingExample, adapter_loss, build_batch, trainable_adapter  # noqa: E402
+from service.model.training import trainable_adapter  # noqa: E402
 from service.world import generate_examples  # noqa: E402
 
 log = logging.getLogger("bench.vision_adapter")
@@ -106,31 +105,10 @@ def run_arm(args: argparse.Namespace, arm: str, examples: list, pixels: torch.Te
     adapter = build_arm(base, arm, args.rank, args.seed)
     start = time.perf_counter()
     inputs = frozen_inputs(base, arm, pixels)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    rng = random.Random(args.seed)
-    step, loss_value = 0, float("nan")
-    for epoch in range(args.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            batch = build_batch(base, [TrainingExample(examples[i][1]["instruction"], examples[i][1]["answer"],
-                                                       [examples[i][0]]) for i in idx])
-            features = arm_features(base, arm, inputs[idx], adapter)
-            loss = adapter_loss(base, batch, adapter, image_features=[[f] for f in features])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_value = loss.item()
-            if step % 20 == 0 or step == total:
-                elapsed = time.perf_counter() - start
-                log.info("%s epoch %d step %d/%d loss=%.4f | %.0fs elapsed, ETA %.0fs", arm, epoch + 1, step, total,
-                         loss_value, elapsed, elapsed / step * (total - step))
+    steps, loss_value = train_adapter(
+        base, adapter, examples, lambda idx: arm_features(base, arm, inputs[idx], adapter),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, start=start, label=f"{arm} ",
+    )
     train_seconds = time.perf_counter() - start
     adapter.eval()
     # The trainable adapter on every row: the LLM's layers through generate(adapter=), the vision
@@ -140,7 +118,7 @@ def run_arm(args: argparse.Namespace, arm: str, examples: list, pixels: torch.Te
     return {
         "arm": arm,
         "trainable_params": sum(p.numel() for p in adapter.parameters()),
-        "steps": total,
+        "steps": steps,
         "final_train_loss": round(loss_value, 4),
         "train_seconds": round(train_seconds, 1),
         "inspection": inspection_metrics([r for _, r in held_out], predictions),

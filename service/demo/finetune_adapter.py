@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,60 @@ import torch
 
 from service.demo.data import EVAL_SEED
 from service.demo.evaluate import evaluate
-from service.model.base import load_base
-from service.model.lora import AdapterConfig, save_adapter
+from service.model.base import BaseModel, load_base
+from service.model.lora import AdapterConfig, AdapterWeights, save_adapter
 from service.model.training import TrainingExample, adapter_loss, build_batch, trainable_adapter
 from service.world import generate_examples
 
 log = logging.getLogger("service.demo.finetune_adapter")
+
+
+def train_adapter(
+    base: BaseModel,
+    adapter: AdapterWeights,
+    examples: Sequence[tuple[Any, dict]],
+    features: Callable[[list[int]], Sequence[torch.Tensor]],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    start: float | None = None,
+    label: str = "",
+) -> tuple[int, float]:
+    """Train ``adapter`` on one-image ``examples`` with AdamW and a cosine learning rate.
+
+    ``features(indices)`` gives each example's image features ``[tokens_per_image, d_llm]`` (cached,
+    or computed with gradients when the adapter also covers vision layers). Logs step / loss / ETA
+    (timed from ``start``); returns the number of steps and the last batch's loss.
+    """
+    start = time.perf_counter() if start is None else start
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = steps_per_epoch * epochs
+    rng = random.Random(seed)
+    step = 0
+    loss_value = float("nan")
+    for epoch in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            batch = build_batch(
+                base, [TrainingExample(examples[i][1]["instruction"], examples[i][1]["answer"], [examples[i][0]]) for i in idx]
+            )
+            loss = adapter_loss(base, batch, adapter, image_features=[[f] for f in features(idx)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_value = loss.item()
+            if step % 10 == 0 or step == total:
+                elapsed = time.perf_counter() - start
+                log.info("%sepoch %d step %d/%d loss=%.4f | %.0fs elapsed, ETA %.0fs", label, epoch + 1, step, total,
+                         loss_value, elapsed, elapsed / step * (total - step))
+    return total, loss_value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -76,41 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_model_fingerprint=base.fingerprint,
     )
     adapter = trainable_adapter(base, config, seed=args.seed)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    rng = random.Random(args.seed)
-    step = 0
-    loss_value = float("nan")
-    for epoch in range(args.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch_examples = [
-                TrainingExample(examples[i][1]["instruction"], examples[i][1]["answer"], [examples[i][0]]) for i in idx
-            ]
-            batch = build_batch(base, batch_examples)
-            loss = adapter_loss(base, batch, adapter, image_features=[[features[i]] for i in idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_value = loss.item()
-            if step % 10 == 0 or step == total:
-                elapsed = time.perf_counter() - start
-                log.info(
-                    "epoch %d step %d/%d loss=%.4f | %.0fs elapsed, ETA %.0fs",
-                    epoch + 1,
-                    step,
-                    total,
-                    loss_value,
-                    elapsed,
-                    elapsed / step * (total - step),
-                )
+    steps, loss_value = train_adapter(
+        base, adapter, examples, lambda idx: [features[i] for i in idx],
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, start=start,
+    )
     train_seconds = time.perf_counter() - start
     adapter.eval()
     save_adapter(args.out, config, adapter)
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_train": args.n_train,
         "train_seed": train_seed,
         "epochs": args.epochs,
-        "steps": total,
+        "steps": steps,
         "final_train_loss": round(loss_value, 4),
         "train_seconds": round(train_seconds, 1),
     }
