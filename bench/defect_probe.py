@@ -5,7 +5,10 @@ inspection images (half of them defective, tiny and large defects):
 
 1. ``probe``: for every hidden state of the frozen vision tower (0 = patch embeddings … -1) and
    for the projector output (VCE + MLP, what the LLM sees), an attention-pooled MLP probe trained on
-   the frozen tokens to predict defect presence + type and location; held-out accuracy.
+   the frozen tokens to predict defect presence + type and location; held-out accuracy. The
+   attention-pooled probe reads location from token *content* only (as an LLM must, when its RoPE
+   positions are relative to a prompt of varying length); ``location_by_index`` is the same call made
+   from token *index*: a per-token defect scorer, and the cell of its highest-scoring token.
 2. ``finetune``: the upper bound with the tower itself trained (from the demo base's weights) on
    defect labels for ``--finetune-steps`` steps, with image-level labels (one label per image,
    max-pooled over patch logits) and with dense labels (the patch holding the defect is labelled
@@ -111,6 +114,44 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int, seed
         held_out = scores(*probe(x[n_train:]), y[n_train:])
         held_out["train_presence"] = scores(*probe(x[: min(n_train, 500)]), y[: min(n_train, 500)])["presence"]
     return held_out
+
+
+def token_index_location(x: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, n_train: int, steps: int,
+                         seed: int) -> dict[str, float]:
+    """Where a per-token defect scorer fires, as a cell: location on held-out defective images.
+
+    ``x`` ``[N, H*W, d]`` frozen tokens; ``patch`` ``[N]`` the defect's patch (-1 = none). The scorer
+    (a small MLP on each token, trained on dense labels) knows nothing of position; the cell comes
+    from the index of its top token, so this is what the tokens tell about location to a reader that
+    knows each token's place.
+    """
+    grid = math.isqrt(x.shape[1])
+    torch.manual_seed(seed)
+    scorer = nn.Sequential(nn.LayerNorm(x.shape[-1]), nn.Linear(x.shape[-1], 128), nn.GELU(), nn.Linear(128, 1))
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    defective = patch >= 0
+    target = torch.zeros(x.shape[:2])
+    target[defective.nonzero()[:, 0], patch[defective]] = 1.0
+    for _ in range(steps):
+        idx = torch.randint(n_train, (128,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(scorer(x[idx]).squeeze(-1), target[idx],
+                                                  pos_weight=torch.tensor(x.shape[1] / 4))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        top = scorer(x[n_train:]).squeeze(-1).argmax(-1)
+    rows, cols = top // grid, top % grid
+    cell = (rows * 3 // grid) * 3 + cols * 3 // grid
+    held_out, labels = defective[n_train:], y[n_train:]
+    right = cell == labels[:, 1]
+    out = {"location_by_index": right[held_out].float().mean().item()}
+    for k, name in enumerate(DEFECT_TYPES, start=1):
+        of_type = labels[:, 0] == k
+        if of_type.any():
+            out[f"location_by_index_{name}"] = right[of_type].float().mean().item()
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def finetune_tower(base, pixels: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, n_train: int, steps: int,
@@ -293,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["probe"] = {}
         for name, x in features.items():
             results["probe"][name] = train_probe(x, y, n_train, args.probe_steps, args.seed)
+            results["probe"][name].update(token_index_location(x, y, patch_t, n_train, args.probe_steps, args.seed))
             log.info("%s: %s", name, results["probe"][name])
     if "finetune" in args.parts:
         results["finetune"] = {"steps": args.finetune_steps}

@@ -78,6 +78,14 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             if stage.get("language_defect_weight")
             else ""
         )
+        + (
+            f"; the projector's new position embedding (zero at first, lr {stage.get('position_lr') or language['lr']}, "
+            "no weight decay) and, on the general scenes, a throw-away linear head that makes every projected token "
+            f"name its own row and column (weight {stage['language_position_weight']:g}), so that the LLM can tell "
+            "where on the image a token lies"
+            if stage.get("language_position_weight")
+            else ""
+        )
         + "."
     )
     data = (
@@ -168,7 +176,9 @@ def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_
         f"({arch['tokens_per_image']} image tokens), width {p['vision_dim']}, {p['vision_layers']} layers, "
         f"{p['vision_heads']} heads.",
         f"- VCE projector: anchor layer {arch['vce']['feature_layers'][0]}, levels {arch['vce']['feature_layers']}, "
-        f"{arch['vce']['n_heads']} heads, {arch['vce']['n_points']} points; then the LLaVA 2-layer MLP.",
+        f"{arch['vce']['n_heads']} heads, {arch['vce']['n_points']} points; then the LLaVA 2-layer MLP"
+        + (", plus a learned embedding per patch position added to its output (`image_positions`)."
+           if arch["vce"].get("image_positions") else "."),
         f"- LLM: Llama, width {p['text_dim']}, {p['text_layers']} layers, {p['text_heads']} heads "
         f"({p['text_kv_heads']} KV heads), FFN {p['text_ffn']}, context {p['max_positions']}.",
         f"- Tokenizer: byte-level BPE ({arch['vocab_size']} tokens) trained on the world's instructions and answers.",

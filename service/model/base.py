@@ -138,7 +138,8 @@ def attach_vce(model: LlavaForConditionalGeneration, config: VCEConfig | None = 
     # A fixed seed makes a fresh VCE (and so the base's fingerprint) the same on every load.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        projector = VCEProjector(config, vision.hidden_size, old)
+        projector = VCEProjector(config, vision.hidden_size, old, n_tokens=(vision.image_size // vision.patch_size) ** 2,
+                                 out_dim=model.config.text_config.hidden_size)
     projector = projector.to(device=param.device, dtype=param.dtype)
     model.model.multi_modal_projector = projector
     model.config.vision_feature_layer = list(config.feature_layers)

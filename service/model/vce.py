@@ -36,6 +36,14 @@ class VCEConfig:
     )
     n_heads: int = field(default=16, metadata={"help": "attention heads (must divide the vision width)"})
     n_points: int = field(default=4, metadata={"help": "sampling points per head per level"})
+    image_positions: bool = field(
+        default=False,
+        metadata={
+            "help": "add a learned, zero-initialised embedding per patch position to the projector output, so "
+            "the LLM can tell where on the image a token lies (its RoPE positions are relative to a prompt of "
+            "varying length); off for a stock LLaVA, whose vision tower carries position itself"
+        },
+    )
 
     @property
     def n_levels(self) -> int:
@@ -50,6 +58,7 @@ class VCEConfig:
             feature_layers=[int(i) for i in data["feature_layers"]],
             n_heads=int(data["n_heads"]),
             n_points=int(data["n_points"]),
+            image_positions=bool(data.get("image_positions", False)),
         )
 
     @classmethod
@@ -166,9 +175,13 @@ class VCEProjector(nn.Module):
     Input: the concatenation along channels of the selected vision levels, as transformers'
     ``LlavaModel.get_image_features`` produces when ``vision_feature_layer`` is a list:
     ``[N_img, H*W, L*d_vision]`` (anchor first, CLS already dropped). Output: ``[N_img, H*W, d_llm]``.
+
+    With ``config.image_positions`` a learned ``[H*W, d_llm]`` embedding (zero at first, so still an
+    identity) is added to the output; ``n_tokens`` (H·W) and ``out_dim`` (d_llm) size it.
     """
 
-    def __init__(self, config: VCEConfig, vision_dim: int, mlp: nn.Module):
+    def __init__(self, config: VCEConfig, vision_dim: int, mlp: nn.Module, n_tokens: int | None = None,
+                 out_dim: int | None = None):
         super().__init__()
         self.config = config
         self.vision_dim = vision_dim
@@ -176,6 +189,22 @@ class VCEProjector(nn.Module):
         self.value_norm = nn.LayerNorm(vision_dim)
         self.attention = MultiLevelDeformableAttention(vision_dim, config.n_levels, config.n_heads, config.n_points)
         self.mlp = mlp
+        self.position_embedding: nn.Parameter | None = None
+        if config.image_positions:
+            if n_tokens is None or out_dim is None:
+                raise ValueError("image_positions needs n_tokens and out_dim")
+            self.add_image_positions(n_tokens, out_dim)
+
+    def add_image_positions(self, n_tokens: int, out_dim: int) -> None:
+        """Give the projector a zero ``[n_tokens, out_dim]`` position embedding (outputs unchanged until trained)."""
+        if self.position_embedding is not None:
+            raise ValueError("this projector already has image positions")
+        reference = self.attention.output_proj.weight  # device, dtype and trainability of the projector
+        self.position_embedding = nn.Parameter(
+            torch.zeros(n_tokens, out_dim, device=reference.device, dtype=reference.dtype),
+            requires_grad=reference.requires_grad,
+        )
+        self.config.image_positions = True
 
     def enhance(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, HW, L*d]`` levels → ``[N, HW, d]`` enhanced anchor (before the MLP)."""
@@ -189,4 +218,10 @@ class VCEProjector(nn.Module):
         return anchor + attended
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.enhance(features))
+        out = self.mlp(self.enhance(features))
+        if self.position_embedding is not None:
+            if out.shape[-2] != self.position_embedding.shape[0]:
+                raise ValueError(f"{out.shape[-2]} image tokens, but position embeddings for "
+                                 f"{self.position_embedding.shape[0]}")
+            out = out + self.position_embedding
+        return out

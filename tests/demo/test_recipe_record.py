@@ -16,6 +16,8 @@ from service.demo.train_base import build_parser, chain_previous_stages, recipe_
         ["--out", "/tmp/x", "--seed", "3", "--defect-warmup-steps", "250", "--vision-minutes", "0"],
         ["--init-from", "/tmp/stage2", "--vision-distill-weight", "1", "--defect-patch-weight", "9",
          "--defect-image-weight", "1", "--language-defect-weight", "1"],
+        ["--init-from", "/tmp/stage3", "--vision-steps", "0", "--image-positions", "--position-lr", "0.01",
+         "--language-position-weight", "1"],
     ],
 )
 def test_recorded_command_parses_back_to_the_same_options(argv):
@@ -74,3 +76,15 @@ def test_model_card_lists_every_command_and_where_each_writes():
     # each intermediate command writes where the next one reads; the last one writes the committed base
     assert [c.split("--out ")[1].split()[0] for c in commands] == ["/tmp/a", "/tmp/b", "service/assets/demo-base"]
     assert "3 commands" in text and "**Command 3** (from the previous command's output" in text
+
+
+def test_model_card_describes_a_position_embedding_stage():
+    from service.demo.model_card import _stage_text
+
+    stage = {"command": "python -m service.demo.train_base --init-from /tmp/s3 --image-positions", "init_from": "/tmp/s3",
+             "seed": 2, "pool_images": 10, "pool_seed": 1002, "vision": {"steps": 0, "batch": 4, "lr": 1e-3},
+             "language": {"steps": 5, "batch": 4, "lr": 5e-4}, "image_positions": True, "position_lr": 0.01,
+             "language_position_weight": 1.0}
+    text = _stage_text(4, stage, {"language_steps_run": 5})
+    assert "position embedding (zero at first, lr 0.01" in text and "own row and column (weight 1)" in text
+    assert "position embedding" not in _stage_text(4, {**stage, "language_position_weight": 0.0}, {})

@@ -49,3 +49,35 @@ def test_language_stage_with_a_defect_head_trains_the_projector_not_the_tower(ti
     assert all(torch.equal(v, tiny_base.model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
     assert any(not torch.equal(v, tiny_base.projector.mlp.state_dict()[k]) for k, v in mlp_before.items())
     assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
+def test_position_head_loss_is_what_a_plain_row_and_column_cross_entropy_gives():
+    from service.demo.train_base import PositionHead
+
+    torch.manual_seed(0)
+    head = PositionHead(dim=8, grid=3)
+    tokens = torch.randn(2, 9, 8)
+    logits = head.net(tokens)
+    rows = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2] * 2)
+    cols = torch.tensor([0, 1, 2] * 6)
+    reference = (torch.nn.functional.cross_entropy(logits[..., :3].reshape(18, 3), rows)
+                 + torch.nn.functional.cross_entropy(logits[..., 3:].reshape(18, 3), cols))
+    torch.testing.assert_close(head.loss(tokens), reference)
+
+
+def test_language_stage_trains_the_position_embedding_at_its_own_rate(tiny_base):
+    size = tiny_base.model.config.vision_config.image_size
+    projector = tiny_base.projector
+    projector.add_image_positions(tiny_base.tokens_per_image, tiny_base.model.config.text_config.hidden_size)
+    mlp_before = {k: v.clone() for k, v in projector.mlp.state_dict().items()}
+    pool = build_pool(8, seed=5, size=size)
+    loss_with, _ = train_language(tiny_base, pool, steps=1, batch_size=4, lr=0.0, seed=0, position_weight=1.0,
+                                  position_lr=0.0)
+    loss_without, _ = train_language(tiny_base, pool, steps=1, batch_size=4, lr=0.0, seed=0)
+    assert loss_with > loss_without > 0  # lr 0: same weights, so the difference is the position term
+    assert torch.count_nonzero(projector.position_embedding) == 0
+    # the rest of the model frozen (lr 0); only the embedding moves, and it stays out of weight decay
+    train_language(tiny_base, pool, steps=2, batch_size=4, lr=0.0, seed=0, position_weight=1.0, position_lr=1e-2)
+    assert torch.count_nonzero(projector.position_embedding) > 0
+    assert all(torch.equal(v, projector.mlp.state_dict()[k]) for k, v in mlp_before.items())
+    assert all(not p.requires_grad for p in tiny_base.model.parameters())

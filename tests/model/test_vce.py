@@ -84,3 +84,47 @@ def test_anchor_is_the_deepest_layer_not_the_shallowest():
     others = torch.randn(1, 4, (levels - 1) * dim)
     out = projector(torch.cat([anchor, others], dim=-1))
     torch.testing.assert_close(out, anchor)
+
+
+def test_image_positions_start_as_identity_then_add_one_vector_per_patch():
+    dim, out_dim, n_tokens = 8, 6, 4
+    mlp = torch.nn.Linear(dim, out_dim)
+    plain = VCEProjector(VCEConfig([-2, -3], n_heads=2, n_points=2), dim, mlp)
+    config = VCEConfig([-2, -3], n_heads=2, n_points=2, image_positions=True)
+    positioned = VCEProjector(config, dim, mlp, n_tokens=n_tokens, out_dim=out_dim)
+    positioned.load_state_dict(plain.state_dict(), strict=False)
+    features = torch.randn(3, n_tokens, 2 * dim)
+    torch.testing.assert_close(positioned(features), plain(features), rtol=0, atol=0)
+    with torch.no_grad():
+        positioned.position_embedding.normal_()
+    # reference: the plain projector's output plus row i of the embedding on token i, for every image
+    torch.testing.assert_close(positioned(features), plain(features) + positioned.position_embedding[None])
+    with pytest.raises(ValueError, match="position embeddings for 4"):
+        positioned(torch.randn(1, 9, 2 * dim))
+
+
+def test_image_positions_round_trip_through_the_base_directory(tiny_base_dir, tmp_path, caplog):
+    import json
+    import logging
+
+    from service.model.base import load_base, save_base
+
+    with caplog.at_level(logging.ERROR):
+        base = load_base(tiny_base_dir, n_slots=0)
+    assert base.projector.position_embedding is None and not base.vce_config.image_positions
+    plain_fingerprint = base.fingerprint
+    base.projector.add_image_positions(base.tokens_per_image, base.model.config.text_config.hidden_size)
+    with torch.no_grad():
+        base.projector.position_embedding.normal_()
+    save_base(base, tmp_path / "positioned")
+    assert json.loads((tmp_path / "positioned" / "vce_config.json").read_text())["image_positions"] is True
+    loaded = load_base(tmp_path / "positioned", n_slots=0)
+    torch.testing.assert_close(loaded.projector.position_embedding, base.projector.position_embedding)
+    assert loaded.fingerprint != plain_fingerprint
+    pixels = torch.randn(2, 3, *([base.model.config.vision_config.image_size] * 2))
+    torch.testing.assert_close(loaded.encode_images(pixels), base.encode_images(pixels))
+
+
+def test_a_vce_config_written_before_image_positions_loads_without_them():
+    old = {"feature_layers": [-2, -8], "n_heads": 16, "n_points": 4}
+    assert VCEConfig.from_dict(old).image_positions is False
