@@ -358,7 +358,7 @@ def train_language(
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": 0.05, "peak": lr}, {"params": no_decay, "weight_decay": 0.0, "peak": lr}]
     if positions is not None:
-        groups.append({"params": [positions], "weight_decay": 0.0, "peak": position_lr or lr})
+        groups.append({"params": [positions], "weight_decay": 0.0, "peak": lr if position_lr is None else position_lr})
     optimizer = torch.optim.AdamW(groups, lr=lr)
     mean, std = base.image_processor.image_mean, base.image_processor.image_std
     rng = random.Random(seed)

@@ -82,8 +82,7 @@ class BaseModel:
 
     @property
     def tokens_per_image(self) -> int:
-        vision = self.model.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+        return patch_tokens(self.model.config.vision_config)
 
     @property
     def max_context(self) -> int:
@@ -112,6 +111,11 @@ class BaseModel:
         return self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
 
+def patch_tokens(vision_config) -> int:
+    """Image tokens a square ViT yields (CLS dropped): ``(image_size // patch_size) ** 2``."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
 def attach_vce(model: LlavaForConditionalGeneration, config: VCEConfig | None = None) -> VCEProjector:
     """Wrap the LLaVA projector in a VCE projector (identity until trained) and select its levels.
 
@@ -138,7 +142,7 @@ def attach_vce(model: LlavaForConditionalGeneration, config: VCEConfig | None = 
     # A fixed seed makes a fresh VCE (and so the base's fingerprint) the same on every load.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        projector = VCEProjector(config, vision.hidden_size, old, n_tokens=(vision.image_size // vision.patch_size) ** 2,
+        projector = VCEProjector(config, vision.hidden_size, old, n_tokens=patch_tokens(vision),
                                  out_dim=model.config.text_config.hidden_size)
     projector = projector.to(device=param.device, dtype=param.dtype)
     model.model.multi_modal_projector = projector
@@ -240,7 +244,10 @@ def load_base(
         missing = set(vce_state_dict(projector)) - set(state)
         if missing or set(state) - set(vce_state_dict(projector)):
             raise BaseModelError(f"{VCE_WEIGHTS_FILE} does not match the VCE config (missing {sorted(missing)})")
-        projector.load_state_dict(state, strict=False)
+        try:
+            projector.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape, e.g. position embeddings for another grid
+            raise BaseModelError(f"{VCE_WEIGHTS_FILE} does not fit this model: {exc}") from exc
     else:
         log.warning("%s has no VCE weights: attached an identity VCE (train it to use visual cues)", path)
     projector.requires_grad_(False)

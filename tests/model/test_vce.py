@@ -128,3 +128,22 @@ def test_image_positions_round_trip_through_the_base_directory(tiny_base_dir, tm
 def test_a_vce_config_written_before_image_positions_loads_without_them():
     old = {"feature_layers": [-2, -8], "n_heads": 16, "n_points": 4}
     assert VCEConfig.from_dict(old).image_positions is False
+
+
+def test_position_embeddings_for_another_grid_are_refused_with_a_clear_error(tiny_base_dir, tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from service.model.base import BaseModelError, load_base, save_base
+
+    with caplog.at_level(logging.ERROR):
+        base = load_base(tiny_base_dir, n_slots=0)
+    base.projector.add_image_positions(base.tokens_per_image, base.model.config.text_config.hidden_size)
+    save_base(base, tmp_path / "positioned")
+    weights = tmp_path / "positioned" / "vce.safetensors"
+    state = load_file(str(weights))
+    state["position_embedding"] = torch.zeros(base.tokens_per_image + 1, state["position_embedding"].shape[1])
+    save_file(state, str(weights))
+    with pytest.raises(BaseModelError, match="does not fit this model"):
+        load_base(tmp_path / "positioned", n_slots=0)
