@@ -23,7 +23,7 @@ inspection images (half of them defective, tiny and large defects):
     python bench/defect_probe.py --parts patch --patch-sizes 12 8 6 --out bench/results/defect_patch.json
 
 Results go to ``--out`` (default ``bench/results/defect_probe.json``, measured on an earlier base;
-``defect_probe_fb24e29a.json`` is the current base's probe, with per-type recall); the figures are
+``defect_probe_fb24e29a.json`` is the previous base's probe, with per-type recall); the figures are
 quoted in docs/model-card.md.
 """
 

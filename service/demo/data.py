@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from service.model.presets import Preset
-from service.world import COLOURS, DEFECT_TYPES, GRID_CELLS, PART_NAMES, PART_TYPES, generate_examples
+from service.world import COLOURS, DEFECT_TYPES, GRID_CELLS, PART_NAMES, PART_TYPES, cell_of, generate_examples
 from service.world.questions import GENERAL_QUESTION_TYPES, PHRASINGS, format_inspection_answer
 
 DEMO_PRESET = Preset(
@@ -115,6 +115,7 @@ class DefectPool:
     pixels: torch.Tensor  # [N, 3, S, S] uint8
     defect: torch.Tensor  # [N] 0 = none, else 1 + index into DEFECT_TYPES
     patch: torch.Tensor  # [N] row-major index of the patch holding the defect's centre, -1 if none
+    cell: torch.Tensor  # [N] index into GRID_CELLS of the defect's 3x3 cell (the answer's location), -1 if none
 
     def __len__(self) -> int:
         return int(self.defect.shape[0])
@@ -122,7 +123,7 @@ class DefectPool:
 
 def build_defect_pool(n: int, seed: int, patch_size: int = DEMO_PRESET.patch_size,
                       size: int = DEMO_PRESET.image_size) -> DefectPool:
-    """Render ``n`` inspection scenes and label, per image, the defect type and its patch.
+    """Render ``n`` inspection scenes and label, per image, the defect type, its patch and its 3x3 cell.
 
     These labels train the vision tower only (so that its features carry defects); the base's
     language stage never sees an inspection question.
@@ -132,16 +133,18 @@ def build_defect_pool(n: int, seed: int, patch_size: int = DEMO_PRESET.patch_siz
     examples = generate_examples(n, seed, kind="inspection", size=size)
     pixels = pixel_tensor(examples)
     grid = size // patch_size
-    defect, patch = [], []
+    defect, patch, cell = [], [], []
     for _, record in examples:
         scene_defect = record["meta"]["scene"]["defect"]
         if scene_defect is None:
             defect.append(0)
             patch.append(-1)
+            cell.append(-1)
             continue
         defect.append(1 + DEFECT_TYPES.index(scene_defect["defect_type"]))
         patch.append(defect_patch(scene_defect, grid))
-    return DefectPool(pixels.contiguous(), torch.tensor(defect), torch.tensor(patch))
+        cell.append(GRID_CELLS.index(cell_of(scene_defect["x"], scene_defect["y"])))
+    return DefectPool(pixels.contiguous(), torch.tensor(defect), torch.tensor(patch), torch.tensor(cell))
 
 
 def normalise(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

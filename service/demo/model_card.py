@@ -67,6 +67,16 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
         )
         + ")"
     )
+    def summary(weight_key: str, where: str) -> str:
+        weight = stage.get(weight_key)
+        if not weight:
+            return ""
+        return (
+            f", and a throw-away linear head on every {where} that names the close-up's defect type (or `none`) and "
+            f"its 3x3 cell (weight {weight:g}), so that each token carries the inspection answer rather than only "
+            "the one token that holds the defect"
+        )
+
     language_text = (
         f"language stage ({steps_run.get('language_steps_run', language['steps'])} steps run, batch "
         f"{language['batch']}, AdamW lr {language['lr']}): tower frozen; LLM, VCE attention and MLP projector "
@@ -78,6 +88,7 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             if stage.get("language_defect_weight")
             else ""
         )
+        + summary("language_summary_weight", "projected close-up token")
         + (
             f"; the projector's new position embedding (zero at first, lr {stage.get('position_lr') or language['lr']}, "
             "no weight decay) and, on the general scenes, a throw-away linear head that makes every projected token "
@@ -103,7 +114,9 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
         vision_text = (
             f"Tower sharpening ({steps_run.get('vision_final', {}).get('steps', vision['steps'])} steps run, "
             f"AdamW lr {vision['lr']}, warm-up + cosine): the tower continues alone with {head} on "
-            f"{stage['defect_batch']} close-ups per step, while on {vision['batch']} general scenes per step every "
+            f"{stage['defect_batch']} close-ups per step"
+            + summary("defect_summary_weight", "patch token")
+            + f", while on {vision['batch']} general scenes per step every "
             "hidden state the VCE reads is pulled towards the starting tower's (mean squared error over its "
             f"variance, weight {stage['vision_distill_weight']:g}), so the projector and LLM trained on the old "
             "features stay valid. Then the "

@@ -21,7 +21,9 @@ Recipe (DESIGN.md section 6 warns that end-to-end training from scratch stays at
    name its own row and column (:class:`PositionHead`), so the LLM can tell where a defect is.
    ``--init-from DIR --vision-steps 0`` continues this stage from a saved base;
    ``--init-from DIR --vision-distill-weight W`` first sharpens a trained tower on defects while
-   distillation holds its general features (the committed base's third command).
+   distillation holds its general features (the committed base's third command);
+   ``--defect-summary-weight`` / ``--language-summary-weight`` add :class:`DefectSummaryHead`, which
+   makes every token state the close-up's defect type and cell (its fourth and fifth).
 4. Save with :func:`save_base` in float16 and write ``MODEL_CARD.json`` (fingerprint of the saved
    weights as :func:`load_base` loads them in float32, recipe, timings, held-out accuracy).
 
@@ -145,6 +147,50 @@ class DefectHead(nn.Module):
         return logits.softmax(-1)[..., 1:].sum(-1).amax(1) > 0.5
 
 
+class DefectSummaryHead(nn.Module):
+    """Every token states the image's inspection answer: ``tokens [B, HW, d]`` → defect-type logits
+    ``[B, HW, 1 + n_defect_types]`` (0 = none) and 3x3-cell logits ``[B, HW, 9]``.
+
+    A linear read-out of each token (after LayerNorm), trained on *every* token. The per-patch
+    :class:`DefectHead` marks the defect on the one token that holds it, and an adapter on the
+    frozen LLM does not learn to point its answer at one token of 144 (on the base trained without
+    this head, ``sha256:fb24e29a…``, the adapter placed 15 % of defects while a per-token probe
+    found the right token for 73 %). With this head the features have to carry the answer on all
+    tokens, where the LLM's diffuse attention reads it, as the 9-cell occupancy head did for the
+    parts' positions; two continuations with it took the same adapter recipe to 49 % (1 000
+    held-out images, docs/model-card.md).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.type_head = nn.Linear(dim, 1 + len(DEFECT_TYPES))
+        self.cell_head = nn.Linear(dim, len(GRID_CELLS))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(tokens)
+        return self.type_head(h), self.cell_head(h)
+
+    def loss(self, logits: tuple[torch.Tensor, torch.Tensor], defect: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token against the image's type, plus (defective images only) its
+        cell; ``defect``/``cell`` ``[B]`` as in :class:`~service.demo.data.DefectPool`."""
+        type_logits, cell_logits = logits
+        n = type_logits.shape[1]
+        loss = F.cross_entropy(type_logits.flatten(0, 1), defect.repeat_interleave(n))
+        has = defect > 0
+        if has.any():
+            loss = loss + F.cross_entropy(cell_logits[has].flatten(0, 1), cell[has].repeat_interleave(n))
+        return loss
+
+    @staticmethod
+    def exact(logits: tuple[torch.Tensor, torch.Tensor], defect: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: the token-averaged logits name the right type and, for a defect, the right cell."""
+        type_logits, cell_logits = logits
+        type_ok = type_logits.mean(1).argmax(-1) == defect
+        cell_ok = cell_logits.mean(1).argmax(-1) == cell
+        return type_ok & ((defect == 0) | cell_ok)
+
+
 class PositionHead(nn.Module):
     """A linear read-out of each token's own row and column on the ``grid`` x ``grid`` patch grid.
 
@@ -206,15 +252,18 @@ def train_vision(
     defect_patch_weight: float | None = None,
     defect_image_weight: float = 0.0,
     distill_weight: float = 0.0,
+    summary_weight: float = 0.0,
 ) -> dict[str, float]:
     """Stage 1: the vision tower learns the attributes through throw-away classification heads.
 
     With ``defects``, each step also feeds ``defect_batch`` inspection close-ups through the tower
     and a per-patch :class:`DefectHead` (loss times ``defect_weight``; ``defect_patch_weight`` and
     ``defect_image_weight`` as in :class:`DefectHead`), so the features the LLM later reads carry
-    defects; no inspection *question* is trained here. The first ``defect_warmup_steps`` steps
-    train the defect head alone: joined from the start, the attribute losses dominate the clipped
-    gradient and the defect head stays at chance for hundreds of steps.
+    defects; no inspection *question* is trained here. ``summary_weight > 0`` adds a
+    :class:`DefectSummaryHead` on the same close-ups, so every token carries the image's defect
+    type and cell. The first ``defect_warmup_steps`` steps train the defect head alone: joined
+    from the start, the attribute losses dominate the clipped gradient and the defect head stays
+    at chance for hundreds of steps.
 
     ``distill_weight > 0`` continues an already trained tower instead (``--init-from``): the
     ``batch_size`` general scenes per step no longer train attribute heads but keep every hidden
@@ -238,6 +287,9 @@ def train_vision(
     if defects is not None:
         defect_head = DefectHead(tower.config.hidden_size, defect_patch_weight, defect_image_weight)
         params += list(defect_head.parameters())
+        if summary_weight:
+            summary_head = DefectSummaryHead(tower.config.hidden_size)
+            params += list(summary_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     mean, std = base.image_processor.image_mean, base.image_processor.image_std
     gen = torch.Generator().manual_seed(seed)
@@ -284,6 +336,12 @@ def train_vision(
                 called = defect_head.image_presence(defect_logits)
                 stats["acc_defect"] = (called == (defects.defect[d_idx] > 0)).float().mean().item()
                 stats["loss_defect"] = defect_loss.item()
+            if summary_weight:
+                summary_logits = summary_head(tokens[n_general:])
+                summary_loss = summary_head.loss(summary_logits, defects.defect[d_idx], defects.cell[d_idx])
+                loss = loss + summary_weight * summary_loss
+                stats["acc_summary"] = summary_head.exact(
+                    summary_logits, defects.defect[d_idx], defects.cell[d_idx]).float().mean().item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -321,6 +379,7 @@ def train_language(
     defect_image_weight: float = 0.0,
     position_weight: float = 0.0,
     position_lr: float | None = None,
+    summary_weight: float = 0.0,
 ) -> tuple[float, int]:
     """Stage 2: LLM + VCE + MLP projector learn to answer general questions (tower frozen).
 
@@ -332,7 +391,9 @@ def train_language(
     With ``defects``, a throw-away per-patch :class:`DefectHead` on the projector output (LLM
     space) keeps defects in what the LLM reads: trained on general answers alone, the projector
     drops them (a probe reads defect presence at 76 % from the tower but 58 % after the projector).
-    The LLM itself never sees an inspection question.
+    The LLM itself never sees an inspection question. ``defect_weight=0`` leaves that head out;
+    ``summary_weight > 0`` adds a :class:`DefectSummaryHead` on the projected close-ups, so every
+    token the LLM reads keeps the image's defect type and cell.
 
     ``position_weight`` adds a throw-away :class:`PositionHead` on the projected general scenes;
     the projector's position embedding (if it has one) trains at ``position_lr`` (default ``lr``)
@@ -346,10 +407,12 @@ def train_language(
         for module in (base.projector.attention, base.projector.query_norm, base.projector.value_norm):
             module.requires_grad_(False)
     params = [p for p in base.model.parameters() if p.requires_grad]
+    text_dim = base.model.config.text_config.hidden_size
     if defects is not None:
         torch.manual_seed(seed)
-        defect_head = DefectHead(base.model.config.text_config.hidden_size, defect_patch_weight, defect_image_weight)
-        params += list(defect_head.parameters())
+        defect_head = DefectHead(text_dim, defect_patch_weight, defect_image_weight) if defect_weight else None
+        summary_head = DefectSummaryHead(text_dim) if summary_weight else None
+        params += [p for head in (defect_head, summary_head) if head is not None for p in head.parameters()]
     if position_weight:
         position_head = PositionHead(base.model.config.text_config.hidden_size, math.isqrt(base.tokens_per_image))
         params += list(position_head.parameters())
@@ -365,7 +428,7 @@ def train_language(
     defect_gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     running = None
-    defect_accuracy = position_running = None
+    defect_accuracy = summary_accuracy = position_running = None
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, group["peak"], max(1, steps // 20), _time_fraction(start, max_seconds))
@@ -386,12 +449,19 @@ def train_language(
                 0.9 * position_running + 0.1 * position_loss.item())
         if defects is not None:
             d_idx = torch.randint(len(defects), (defect_batch,), generator=defect_gen)
-            defect_logits = defect_head(base.image_features(normalise(defects.pixels[d_idx], mean, std)))
-            loss = loss + defect_weight * defect_head.loss(defect_logits, defects.defect[d_idx], defects.patch[d_idx])
-            with torch.no_grad():
-                called = defect_head.image_presence(defect_logits)
-                accuracy = (called == (defects.defect[d_idx] > 0)).float().mean().item()
-            defect_accuracy = accuracy if defect_accuracy is None else 0.9 * defect_accuracy + 0.1 * accuracy
+            projected = base.image_features(normalise(defects.pixels[d_idx], mean, std))
+            defect, cell = defects.defect[d_idx], defects.cell[d_idx]
+            if defect_head is not None:
+                defect_logits = defect_head(projected)
+                loss = loss + defect_weight * defect_head.loss(defect_logits, defect, defects.patch[d_idx])
+                with torch.no_grad():
+                    accuracy = (defect_head.image_presence(defect_logits) == (defect > 0)).float().mean().item()
+                defect_accuracy = accuracy if defect_accuracy is None else 0.9 * defect_accuracy + 0.1 * accuracy
+            if summary_head is not None:
+                summary_logits = summary_head(projected)
+                loss = loss + summary_weight * summary_head.loss(summary_logits, defect, cell)
+                accuracy = summary_head.exact(summary_logits, defect, cell).float().mean().item()
+                summary_accuracy = accuracy if summary_accuracy is None else 0.9 * summary_accuracy + 0.1 * accuracy
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -400,6 +470,7 @@ def train_language(
         out_of_time = _time_fraction(start, max_seconds) >= 1.0
         if (step + 1) % log_every == 0 or step + 1 == steps or out_of_time:
             shown = "" if defect_accuracy is None else f" acc_defect={defect_accuracy:.3f}"
+            shown += "" if summary_accuracy is None else f" acc_summary={summary_accuracy:.3f}"
             shown += "" if position_running is None else f" loss_position={position_running:.3f}"
             log.info("language step %d/%d loss=%.4f%s | %s", step + 1, steps, running, shown, _eta(start, step + 1, steps))
         if out_of_time:
@@ -467,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "scenes close to the starting tower's (this weight) instead of training attribute heads")
     parser.add_argument("--language-defect-weight", type=float, default=0.0,
                         help="weight of the defect head on the projector output in stage 2 (0 = none)")
+    parser.add_argument("--defect-summary-weight", type=float, default=0.0,
+                        help="vision stage: weight of the head that makes every patch token state the image's "
+                        "defect type and 3x3 cell (0 = none)")
+    parser.add_argument("--language-summary-weight", type=float, default=0.0,
+                        help="language stage: the same head on the projector output (0 = none)")
     parser.add_argument("--image-positions", action="store_true",
                         help="give the projector a learned position embedding per patch (zero at first; "
                         "a base that has one keeps it without this flag)")
@@ -540,6 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
         defect_patch_weight=args.defect_patch_weight,
         defect_image_weight=args.defect_image_weight,
         distill_weight=args.vision_distill_weight,
+        summary_weight=args.defect_summary_weight,
     )
     t2 = time.perf_counter()
     language_loss, language_steps = train_language(
@@ -550,13 +627,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.language_lr,
         args.seed,
         max_seconds=args.language_minutes * 60 or None,
-        defects=defects if args.language_defect_weight else None,
+        defects=defects if args.language_defect_weight or args.language_summary_weight else None,
         defect_batch=args.defect_batch,
         defect_weight=args.language_defect_weight,
         defect_patch_weight=args.defect_patch_weight,
         defect_image_weight=args.defect_image_weight,
         position_weight=args.language_position_weight,
         position_lr=args.position_lr,
+        summary_weight=args.language_summary_weight,
     )
     t3 = time.perf_counter()
 
@@ -595,6 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
             "defect_patch_weight": args.defect_patch_weight,
             "defect_image_weight": args.defect_image_weight,
             "vision_distill_weight": args.vision_distill_weight,
+            "defect_summary_weight": args.defect_summary_weight,
+            "language_summary_weight": args.language_summary_weight,
             "vision": {"steps": args.vision_steps, "batch": args.vision_batch, "lr": args.vision_lr},
             "language": {"steps": args.language_steps, "batch": args.language_batch, "lr": args.language_lr},
             "saved_dtype": "float16",

@@ -18,6 +18,8 @@ from service.demo.train_base import build_parser, chain_previous_stages, recipe_
          "--defect-image-weight", "1", "--language-defect-weight", "1"],
         ["--init-from", "/tmp/stage3", "--vision-steps", "0", "--image-positions", "--position-lr", "0.01",
          "--language-position-weight", "1"],
+        ["--init-from", "/tmp/stage3", "--vision-distill-weight", "1", "--defect-summary-weight", "1",
+         "--language-defect-weight", "1", "--language-summary-weight", "0.5"],
     ],
 )
 def test_recorded_command_parses_back_to_the_same_options(argv):
@@ -88,3 +90,18 @@ def test_model_card_describes_a_position_embedding_stage():
     text = _stage_text(4, stage, {"language_steps_run": 5})
     assert "position embedding (zero at first, lr 0.01" in text and "own row and column (weight 1)" in text
     assert "position embedding" not in _stage_text(4, {**stage, "language_position_weight": 0.0}, {})
+
+
+def test_model_card_describes_summary_heads_in_both_stages():
+    from service.demo.model_card import _stage_text
+
+    stage = {"command": "python -m service.demo.train_base --init-from /tmp/s3", "init_from": "/tmp/s3", "seed": 2,
+             "pool_images": 10, "pool_seed": 1002, "defect_pool_images": 8, "defect_pool_seed": 4002,
+             "defect_batch": 4, "vision_distill_weight": 1.0, "language_defect_weight": 1.0,
+             "vision": {"steps": 5, "batch": 4, "lr": 1e-3}, "language": {"steps": 5, "batch": 4, "lr": 5e-4},
+             "defect_summary_weight": 1.0, "language_summary_weight": 0.5}
+    text = _stage_text(4, stage, {"language_steps_run": 5, "vision_final": {"steps": 5}})
+    assert "on every patch token that names the close-up's defect type (or `none`) and its 3x3 cell (weight 1)" in text
+    assert "on every projected close-up token that names" in text and "3x3 cell (weight 0.5)" in text
+    plain = _stage_text(4, {**stage, "defect_summary_weight": 0.0, "language_summary_weight": 0.0}, {})
+    assert "3x3 cell" not in plain

@@ -51,6 +51,22 @@ def test_language_stage_with_a_defect_head_trains_the_projector_not_the_tower(ti
     assert all(not p.requires_grad for p in tiny_base.model.parameters())
 
 
+def test_language_stage_summary_head_alone_adds_its_term(tiny_base):
+    from service.demo.data import build_defect_pool
+
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    pool, defects = build_pool(8, seed=5, size=size), build_defect_pool(8, seed=6, patch_size=patch, size=size)
+    plain, _ = train_language(tiny_base, pool, steps=1, batch_size=4, lr=0.0, seed=0)
+    with_summary, _ = train_language(tiny_base, pool, steps=1, batch_size=4, lr=0.0, seed=0, defects=defects,
+                                     defect_batch=4, defect_weight=0.0, summary_weight=1.0)
+    both, _ = train_language(tiny_base, pool, steps=1, batch_size=4, lr=0.0, seed=0, defects=defects,
+                             defect_batch=4, defect_weight=1.0, summary_weight=1.0)
+    # lr 0: same weights each time, so the differences are the heads' terms
+    assert both > with_summary > plain > 0
+    assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
 def test_position_head_loss_is_what_a_plain_row_and_column_cross_entropy_gives():
     from service.demo.train_base import PositionHead
 

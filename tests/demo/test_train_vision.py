@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from service.demo.data import build_defect_pool, build_pool
-from service.demo.train_base import DefectHead, train_vision
-from service.world import DEFECT_TYPES, generate_examples
+from service.demo.train_base import DefectHead, DefectSummaryHead, train_vision
+from service.world import DEFECT_TYPES, GRID_CELLS, cell_of, generate_examples
 
 
 def test_defect_pool_labels_the_patch_that_holds_the_defect():
@@ -28,6 +28,18 @@ def test_defect_pool_labels_the_patch_that_holds_the_defect():
     assert torch.equal(coarse.defect, pool.defect)
     rows, cols = pool.patch[defective] // 12, pool.patch[defective] % 12
     assert torch.equal(coarse.patch[defective], (rows * 8 // 32) * 3 + cols * 8 // 32)
+
+
+def test_defect_pool_labels_the_cell_the_answer_names():
+    pool = build_defect_pool(40, seed=3, patch_size=8, size=96)
+    examples = generate_examples(40, 3, kind="inspection", size=96)
+    for i, (_, record) in enumerate(examples):
+        scene_defect = record["meta"]["scene"]["defect"]
+        if scene_defect is None:
+            assert pool.cell[i] == -1 and record["answer"] == "ok"
+        else:  # the location the inspection answer states
+            cell = GRID_CELLS[int(pool.cell[i])]
+            assert cell == cell_of(scene_defect["x"], scene_defect["y"]) and record["answer"].endswith(cell)
 
 
 def test_defect_pool_refuses_the_evaluation_seed():
@@ -90,6 +102,55 @@ def test_image_presence_is_any_patch_more_likely_defective():
     some = torch.tensor([0.0, 4, 0, 0, 0, 0])
     logits = torch.stack([torch.stack([none, none, none]), torch.stack([none, some, none])])
     assert DefectHead(8).image_presence(logits).tolist() == [False, True]
+
+
+def test_summary_loss_is_every_tokens_cross_entropy_against_the_image_label():
+    torch.manual_seed(3)
+    head = DefectSummaryHead(8)
+    tokens = torch.randn(2, 5, 8)
+    type_logits, cell_logits = head(tokens)
+    assert type_logits.shape == (2, 5, 1 + len(DEFECT_TYPES)) and cell_logits.shape == (2, 5, len(GRID_CELLS))
+    defect, cell = torch.tensor([2, 0]), torch.tensor([7, -1])
+    # by hand: all 10 tokens against their image's type; the 5 tokens of the defective image against cell 7
+    type_term = sum(F.cross_entropy(type_logits[b, n][None], defect[b][None]) for b in range(2) for n in range(5)) / 10
+    cell_term = sum(F.cross_entropy(cell_logits[0, n][None], torch.tensor([7])) for n in range(5)) / 5
+    torch.testing.assert_close(head.loss((type_logits, cell_logits), defect, cell), type_term + cell_term)
+    # no defective image in the batch: the type term alone (no NaN from an empty cell term)
+    ok = torch.tensor([0, 0])
+    torch.testing.assert_close(head.loss((type_logits, cell_logits), ok, torch.tensor([-1, -1])),
+                               F.cross_entropy(type_logits.flatten(0, 1), torch.zeros(10, dtype=torch.long)))
+
+
+def test_summary_exact_needs_the_type_and_for_a_defect_the_cell():
+    type_logits = torch.zeros(3, 4, 1 + len(DEFECT_TYPES))
+    cell_logits = torch.zeros(3, 4, len(GRID_CELLS))
+    type_logits[0, :, 0] = 1.0  # image 0 says "none"
+    type_logits[1, :, 3] = 1.0  # image 1 says type 3 ...
+    cell_logits[1, :, 4] = 1.0  # ... in cell 4
+    type_logits[2, :, 3] = 1.0  # image 2 says type 3 in cell 4 on average: one token votes 8, three vote 4
+    cell_logits[2, 0, 8] = 2.0
+    cell_logits[2, 1:, 4] = 1.0
+    logits = (type_logits, cell_logits)
+    assert DefectSummaryHead.exact(logits, torch.tensor([0, 3, 3]), torch.tensor([-1, 4, 4])).tolist() == [True] * 3
+    assert DefectSummaryHead.exact(logits, torch.tensor([1, 3, 3]), torch.tensor([0, 5, 8])).tolist() == [False] * 3
+
+
+def test_vision_stage_with_a_summary_head_reports_its_accuracy(tiny_base):
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    pool, defects = build_pool(16, seed=5, size=size), build_defect_pool(16, seed=6, patch_size=patch, size=size)
+    initial = {k: v.clone() for k, v in tiny_base.model.model.vision_tower.state_dict().items()}
+    stats = train_vision(tiny_base, pool, steps=2, batch_size=4, lr=1e-2, seed=0, defects=defects, defect_batch=4,
+                         distill_weight=1.0, summary_weight=1.0)
+    assert 0.0 <= stats["acc_summary"] <= 1.0
+    with_summary = {k: v.clone() for k, v in tiny_base.model.model.vision_tower.state_dict().items()}
+    tiny_base.model.model.vision_tower.load_state_dict(initial)
+    stats = train_vision(tiny_base, pool, steps=2, batch_size=4, lr=1e-2, seed=0, defects=defects, defect_batch=4,
+                         distill_weight=1.0)
+    assert "acc_summary" not in stats
+    # the summary term's gradient moved the tower somewhere else than the same run without it
+    after = tiny_base.model.model.vision_tower.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in with_summary.items())
 
 
 @pytest.mark.parametrize("warmup", [0, 1])
