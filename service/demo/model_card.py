@@ -67,7 +67,9 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
         )
         + ")"
     )
+
     def summary(weight_key: str, where: str) -> str:
+        """The clause on a :class:`~service.demo.train_base.DefectSummaryHead` stage term, if it ran."""
         weight = stage.get(weight_key)
         if not weight:
             return ""
