@@ -183,6 +183,7 @@ class DefectSummaryHead(nn.Module):
         return loss
 
     @staticmethod
+    @torch.no_grad()
     def exact(logits: tuple[torch.Tensor, torch.Tensor], defect: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: the token-averaged logits name the right type and, for a defect, the right cell."""
         type_logits, cell_logits = logits
@@ -414,7 +415,7 @@ def train_language(
         summary_head = DefectSummaryHead(text_dim) if summary_weight else None
         params += [p for head in (defect_head, summary_head) if head is not None for p in head.parameters()]
     if position_weight:
-        position_head = PositionHead(base.model.config.text_config.hidden_size, math.isqrt(base.tokens_per_image))
+        position_head = PositionHead(text_dim, math.isqrt(base.tokens_per_image))
         params += list(position_head.parameters())
     positions = base.projector.position_embedding
     decay = [p for p in params if p.ndim >= 2 and p is not positions]
@@ -569,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.vision_distill_weight and not args.init_from:
         parser.error("--vision-distill-weight needs --init-from (a trained tower to stay close to)")
+    if (args.defect_summary_weight or args.language_summary_weight) and not args.defect_pool:
+        parser.error("--defect-summary-weight / --language-summary-weight need --defect-pool > 0 (labelled close-ups)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -105,3 +105,12 @@ def test_model_card_describes_summary_heads_in_both_stages():
     assert "on every projected close-up token that names" in text and "3x3 cell (weight 0.5)" in text
     plain = _stage_text(4, {**stage, "defect_summary_weight": 0.0, "language_summary_weight": 0.0}, {})
     assert "3x3 cell" not in plain
+
+
+@pytest.mark.parametrize("flag", ["--defect-summary-weight", "--language-summary-weight"])
+def test_a_summary_head_without_close_ups_is_refused_before_any_work(flag, capsys):
+    from service.demo.train_base import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--defect-pool", "0", flag, "1", "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2 and "need --defect-pool > 0" in capsys.readouterr().err
