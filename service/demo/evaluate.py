@@ -10,7 +10,8 @@ greedy :func:`~service.model.generate.generate` and reports
 
 * ``general``: accuracy overall and per question type (part, colour, count, position);
 * ``inspection``: defective/ok accuracy, defect-type accuracy and location accuracy (on defective
-  images), exact match, and the same split by defect size class (``tiny`` / ``large``).
+  images), exact match, the same split by defect size class (``tiny`` / ``large``) and by defect
+  type, and a confusion table of true against answered defect type (``ok`` included).
 
 The metric functions (:func:`general_metrics`, :func:`inspection_metrics`) work on plain records
 and answer strings, so they are unit-tested without a model.
@@ -85,6 +86,33 @@ def _inspection_counts(pairs: Sequence[tuple[Record, str]]) -> dict[str, Any]:
     }
 
 
+UNKNOWN_TYPE = "defect, unknown type"
+UNPARSED = "unparsed"
+
+
+def _answered_label(pred: str) -> str:
+    """What an answer calls the image: ``ok``, a defect type, :data:`UNKNOWN_TYPE` or :data:`UNPARSED`."""
+    got = inspection_fields(pred)
+    if got.defective is None:
+        return UNPARSED
+    if not got.defective:
+        return "ok"
+    return got.defect_type or UNKNOWN_TYPE
+
+
+def confusion_table(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{true label: {answered label: count}}`` over inspection records; labels are ``ok`` or a
+    defect type, answers also :data:`UNKNOWN_TYPE` / :data:`UNPARSED` (location is ignored)."""
+    table: dict[str, dict[str, int]] = {}
+    for record, pred in zip(records, predictions, strict=True):
+        truth = inspection_fields(record["answer"])
+        true_label = (truth.defect_type or UNKNOWN_TYPE) if truth.defective else "ok"
+        row = table.setdefault(true_label, {})
+        answered = _answered_label(pred)
+        row[answered] = row.get(answered, 0) + 1
+    return {label: dict(sorted(row.items())) for label, row in sorted(table.items())}
+
+
 def inspection_metrics(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, Any]:
     """Inspection scores overall and by defect size class.
 
@@ -92,7 +120,7 @@ def inspection_metrics(records: Sequence[Record], predictions: Sequence[str]) ->
     ``type_accuracy`` and ``location_accuracy``: over images that have a defect;
     ``exact_match``: all parsed fields equal (``ok`` for ``ok``). ``by_size`` splits the
     defective images into ``tiny`` and ``large``, ``by_defect`` by their true defect type; both
-    report the ok images as ``ok``.
+    report the ok images as ``ok``; ``confusion`` is :func:`confusion_table`.
     """
     if len(records) != len(predictions):
         raise ValueError("records and predictions differ in length")
@@ -107,6 +135,7 @@ def inspection_metrics(records: Sequence[Record], predictions: Sequence[str]) ->
     result = _inspection_counts(pairs)
     result["by_size"] = {name: _inspection_counts(group) for name, group in sorted(groups.items())}
     result["by_defect"] = {name: _inspection_counts(group) for name, group in sorted(by_defect.items())}
+    result["confusion"] = confusion_table(records, predictions)
     return result
 
 

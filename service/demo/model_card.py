@@ -36,6 +36,20 @@ def _inspection_table(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+def confusion_lines(confusion: dict[str, dict[str, int]]) -> list[str]:
+    """A Markdown table: one row per true label (``ok`` first), one column per answered label."""
+    true_labels = sorted(confusion, key=lambda label: (label != "ok", label))
+    answered = sorted({a for row in confusion.values() for a in row}, key=lambda label: (label != "ok", label))
+    rows = [
+        "| truth | " + " | ".join(answered) + " | n |",
+        "|---|" + "---:|" * (len(answered) + 1),
+    ]
+    for label in true_labels:
+        row = confusion[label]
+        rows.append(f"| {label} | " + " | ".join(str(row.get(a, 0)) for a in answered) + f" | {sum(row.values())} |")
+    return rows
+
+
 def stages(section: dict[str, Any]) -> list[dict[str, Any]]:
     """The commands that made the base, oldest first: ``previous`` (or the older ``stage1``) + this one."""
     earlier = list(section.get("previous", []))
@@ -57,6 +71,12 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
     vision, language = stage["vision"], stage["language"]
     defects = stage.get("defect_pool_images")
     patch_weight = stage.get("defect_patch_weight")
+    class_spec = stage.get("defect_class_weights")
+    class_weights = (
+        "; a defect type's terms weighted by type: " + ", ".join(class_spec.replace("=", " ").split(","))
+        if class_spec
+        else ""
+    )
     head = (
         "a per-patch defect-type head (the patch holding the defect carries its type, every other patch `none`, "
         + (f"the defect patch weighted {patch_weight:g}" if patch_weight else "the defect patch weighted patches / 4")
@@ -65,6 +85,7 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             if stage.get("defect_image_weight")
             else ""
         )
+        + class_weights
         + ")"
     )
 
@@ -75,8 +96,9 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             return ""
         return (
             f", and a throw-away linear head on every {where} that names the close-up's defect type (or `none`) and "
-            f"its 3x3 cell (weight {weight:g}), so that each token carries the inspection answer rather than only "
-            "the one token that holds the defect"
+            f"its 3x3 cell (weight {weight:g}"
+            + ("; the same per-type weights" if class_spec else "")
+            + "), so that each token carries the inspection answer rather than only the one token that holds the defect"
         )
 
     language_text = (
@@ -251,6 +273,9 @@ def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_
         ]
         if ev:
             lines += ["Held-out inspection (seed 12345) with the adapter:", "", *_inspection_table(ev), ""]
+            if ev.get("confusion"):
+                lines += ["What the adapter calls each image (rows: the truth; columns: the answer's type, "
+                          "location ignored):", "", *confusion_lines(ev["confusion"]), ""]
         general_with = adapter.get("eval_general_with_adapter")
         if general_with:
             lines += [f"General accuracy with the adapter applied: {_pct(general_with['accuracy'])}.", ""]

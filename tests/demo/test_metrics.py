@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.demo.evaluate import general_metrics, inspection_metrics
+from service.demo.evaluate import UNKNOWN_TYPE, UNPARSED, confusion_table, general_metrics, inspection_metrics
 
 
 def _general(qtype: str, answer: str) -> dict:
@@ -74,3 +74,37 @@ def test_inspection_metrics_accept_tolerant_spellings():
     records = [_inspection("defect: missing_hole, centre", "large")]
     result = inspection_metrics(records, ["Defect: missing hole, center."])
     assert result["exact_match"] == 1.0
+
+
+def test_confusion_table_counts_answered_type_against_the_truth():
+    records = [
+        _inspection("defect: scratch, top-left", "tiny"),
+        _inspection("defect: scratch, centre", "tiny"),
+        _inspection("defect: scratch, left", "tiny"),
+        _inspection("defect: chip, right", "large"),
+        _inspection("ok"),
+        _inspection("ok"),
+    ]
+    predictions = [
+        "defect: spot, top-left",  # a scratch called a spot (location ignored)
+        "defect: spot, bottom",
+        "defect: dent, left",  # a defect, but no known type
+        "ok",  # the chip is missed
+        "ok",
+        "a washer",  # not an inspection answer
+    ]
+    expected = {
+        "chip": {"ok": 1},
+        "ok": {"ok": 1, UNPARSED: 1},
+        "scratch": {UNKNOWN_TYPE: 1, "spot": 2},
+    }
+    assert confusion_table(records, predictions) == expected
+    assert inspection_metrics(records, predictions)["confusion"] == expected
+
+
+def test_model_card_renders_the_confusion_table():
+    from service.demo.model_card import confusion_lines
+
+    lines = confusion_lines({"scratch": {"spot": 2, "crack": 1}, "ok": {"ok": 3}})
+    assert lines[0] == "| truth | ok | crack | spot | n |"
+    assert lines[2] == "| ok | 3 | 0 | 0 | 3 |" and lines[3] == "| scratch | 0 | 1 | 2 | 3 |"

@@ -20,6 +20,8 @@ from service.demo.train_base import build_parser, chain_previous_stages, recipe_
          "--language-position-weight", "1"],
         ["--init-from", "/tmp/stage3", "--vision-distill-weight", "1", "--defect-summary-weight", "1",
          "--language-defect-weight", "1", "--language-summary-weight", "0.5"],
+        ["--init-from", "/tmp/base", "--vision-distill-weight", "1.5", "--defect-summary-weight", "2",
+         "--defect-class-weights", "chip=4,scratch=2"],
     ],
 )
 def test_recorded_command_parses_back_to_the_same_options(argv):
@@ -114,3 +116,33 @@ def test_a_summary_head_without_close_ups_is_refused_before_any_work(flag, capsy
     with pytest.raises(SystemExit) as exit_info:
         main(["--defect-pool", "0", flag, "1", "--out", "/nonexistent/never-written"])
     assert exit_info.value.code == 2 and "need --defect-pool > 0" in capsys.readouterr().err
+
+
+def test_model_card_describes_class_weights():
+    from service.demo.model_card import _stage_text
+
+    stage = {"command": "python -m service.demo.train_base --init-from /tmp/s5", "init_from": "/tmp/s5", "seed": 4,
+             "pool_images": 10, "pool_seed": 1004, "defect_pool_images": 8, "defect_pool_seed": 4004,
+             "defect_batch": 4, "vision_distill_weight": 1.5, "language_defect_weight": 1.0,
+             "vision": {"steps": 5, "batch": 4, "lr": 1e-3}, "language": {"steps": 5, "batch": 4, "lr": 5e-4},
+             "defect_summary_weight": 2.0, "defect_class_weights": "chip=4,scratch=2"}
+    text = _stage_text(6, stage, {"language_steps_run": 5, "vision_final": {"steps": 5}})
+    assert "a defect type's terms weighted by type: chip 4, scratch 2" in text
+    assert "3x3 cell (weight 2; the same per-type weights)" in text
+    assert "weighted by type" not in _stage_text(6, {**stage, "defect_class_weights": None}, {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--defect-class-weights", "dent=2"], "expected TYPE=WEIGHT"),
+        (["--defect-class-weights", "chip=0"], "positive number"),
+        (["--defect-class-weights", "chip=4", "--defect-pool", "0"], "needs --defect-pool > 0"),
+    ],
+)
+def test_bad_class_weights_are_refused_before_any_work(argv, message, capsys):
+    from service.demo.train_base import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

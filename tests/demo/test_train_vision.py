@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from service.demo.data import build_defect_pool, build_pool
-from service.demo.train_base import DefectHead, DefectSummaryHead, train_vision
+from service.demo.train_base import (
+    DefectHead,
+    DefectSummaryHead,
+    found_by_type,
+    parse_class_weights,
+    train_vision,
+)
 from service.world import DEFECT_TYPES, GRID_CELLS, cell_of, generate_examples
 
 
@@ -133,6 +139,79 @@ def test_summary_exact_needs_the_type_and_for_a_defect_the_cell():
     logits = (type_logits, cell_logits)
     assert DefectSummaryHead.exact(logits, torch.tensor([0, 3, 3]), torch.tensor([-1, 4, 4])).tolist() == [True] * 3
     assert DefectSummaryHead.exact(logits, torch.tensor([1, 3, 3]), torch.tensor([0, 5, 8])).tolist() == [False] * 3
+
+
+def test_class_weights_parse_by_type_name():
+    weight = parse_class_weights("chip=4, scratch=2")
+    expected = torch.ones(1 + len(DEFECT_TYPES))
+    expected[1 + DEFECT_TYPES.index("chip")] = 4.0
+    expected[1 + DEFECT_TYPES.index("scratch")] = 2.0
+    assert torch.equal(weight, expected)
+    assert parse_class_weights("") is None and parse_class_weights(None) is None
+
+
+@pytest.mark.parametrize("spec", ["dent=2", "chip", "chip=0", "chip=-1", "chip=x", "chip=nan", "chip=inf", "none=2"])
+def test_class_weights_refuse_unknown_types_and_bad_weights(spec):
+    with pytest.raises(ValueError):
+        parse_class_weights(spec)
+
+
+def test_class_weights_scale_the_defect_patch_and_image_terms_by_type():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 4, 1 + len(DEFECT_TYPES))
+    defect, patch = torch.tensor([2, 0, 5]), torch.tensor([1, -1, 3])
+    class_weight = torch.tensor([1.0, 1, 3, 1, 1, 5])
+    # by hand: patch weight 2 on a defect patch, times its type's weight; "none" patches weigh 1
+    total = weights = 0.0
+    for b in range(3):
+        for n in range(4):
+            target = int(defect[b]) if n == int(patch[b]) else 0
+            w = 2.0 * float(class_weight[target]) if target else 1.0
+            total += w * F.cross_entropy(logits[b, n][None], torch.tensor([target])).item()
+            weights += w
+    head = DefectHead(8, patch_weight=2.0, class_weight=class_weight)
+    assert math.isclose(head.loss(logits, defect, patch).item(), total / weights, rel_tol=1e-5)
+    # the image term: each image's binary cross-entropy weighted by its type (ok images by "none")
+    with_image = DefectHead(8, patch_weight=2.0, image_weight=1.0, class_weight=class_weight)
+    bce = F.binary_cross_entropy_with_logits(DefectHead.image_score(logits), (defect > 0).float(), reduction="none")
+    image_w = torch.tensor([3.0, 1.0, 5.0])
+    expected = total / weights + ((bce * image_w).sum() / image_w.sum()).item()
+    assert math.isclose(with_image.loss(logits, defect, patch).item(), expected, rel_tol=1e-5)
+    # all-ones weights are the unweighted loss
+    plain = DefectHead(8, patch_weight=2.0, image_weight=1.0)
+    ones = DefectHead(8, patch_weight=2.0, image_weight=1.0, class_weight=torch.ones(1 + len(DEFECT_TYPES)))
+    torch.testing.assert_close(ones.loss(logits, defect, patch), plain.loss(logits, defect, patch))
+
+
+def test_class_weights_scale_the_summary_terms_by_type():
+    torch.manual_seed(5)
+    class_weight = torch.tensor([1.0, 2, 1, 1, 1, 4])
+    head = DefectSummaryHead(8, class_weight)
+    type_logits, cell_logits = head(torch.randn(3, 5, 8))
+    defect, cell = torch.tensor([1, 0, 5]), torch.tensor([2, -1, 6])
+    # by hand: a weighted mean over all 15 tokens of the type term, over the 10 defective tokens of the cell term
+    w = [float(class_weight[d]) for d in defect]
+    type_term = sum(w[b] * F.cross_entropy(type_logits[b, n][None], defect[b][None]) for b in range(3)
+                    for n in range(5)) / (5 * sum(w))
+    cell_term = sum(w[b] * F.cross_entropy(cell_logits[b, n][None], cell[b][None]) for b in (0, 2)
+                    for n in range(5)) / (5 * (w[0] + w[2]))
+    torch.testing.assert_close(head.loss((type_logits, cell_logits), defect, cell), type_term + cell_term)
+
+
+def test_found_by_type_is_recall_per_type_present():
+    called = torch.tensor([True, False, True, True, False])
+    defect = torch.tensor([5, 5, 1, 0, 0])  # two chips (one found), one scratch (found), two good parts
+    assert found_by_type(called, defect) == {"found_scratch": 1.0, "found_chip": 0.5}
+
+
+def test_vision_stage_with_class_weights_reports_recall_per_type(tiny_base):
+    size = tiny_base.model.config.vision_config.image_size
+    patch = tiny_base.model.config.vision_config.patch_size
+    pool, defects = build_pool(16, seed=5, size=size), build_defect_pool(24, seed=6, patch_size=patch, size=size)
+    stats = train_vision(tiny_base, pool, steps=2, batch_size=4, lr=1e-2, seed=0, defects=defects, defect_batch=24,
+                         distill_weight=1.0, summary_weight=1.0, class_weight=parse_class_weights("chip=4"))
+    present = {DEFECT_TYPES[int(d) - 1] for d in defects.defect if d > 0}
+    assert present and all(0.0 <= stats[f"found_{name}"] <= 1.0 for name in present)
 
 
 def test_vision_stage_with_a_summary_head_reports_its_accuracy(tiny_base):
