@@ -23,8 +23,9 @@ inspection images (half of them defective, tiny and large defects):
     python bench/defect_probe.py --parts patch --patch-sizes 12 8 6 --out bench/results/defect_patch.json
 
 Results go to ``--out`` (default ``bench/results/defect_probe.json``, measured on an earlier base;
-``defect_probe_fb24e29a.json`` is the previous base's probe, with per-type recall); the figures are
-quoted in docs/model-card.md.
+``defect_probe_fb24e29a.json`` is an older base's probe, with per-type recall;
+``defect_probe_fb1b00d8.json`` adds ``type_<name>``, how often the probe *names* each type); the
+figures are quoted in docs/model-card.md.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class Probe(nn.Module):
 
 
 def scores(type_logits: torch.Tensor, cell_logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, float]:
-    """Presence, type (incl. none), location on defective images, tiny / large and per-type recall."""
+    """Presence, type (incl. none), location on defective images, tiny / large, per-type recall and
+    per-type type accuracy (``type_<name>``: the probe names that type)."""
     pred = type_logits.argmax(-1)
     defective = labels[:, 0] > 0
     tiny = defective & (labels[:, 2] == 1)
@@ -93,6 +95,7 @@ def scores(type_logits: torch.Tensor, cell_logits: torch.Tensor | None, labels: 
         of_type = labels[:, 0] == k
         if of_type.any():
             out[f"recall_{name}"] = (pred > 0)[of_type].float().mean().item()
+            out[f"type_{name}"] = (pred == k)[of_type].float().mean().item()
     if cell_logits is not None:
         out["location"] = (cell_logits.argmax(-1)[defective] == labels[defective, 1]).float().mean().item()
     return {k: round(v, 4) for k, v in out.items()}
