@@ -58,3 +58,20 @@ def test_location_by_index_is_near_chance_when_no_token_marks_the_defect():
     x, y, patch = _synthetic(600, 12, spike_at_defect=False)
     # the scorer is trained on the true patch, but the spike sits elsewhere: nothing to find
     assert probe.token_index_location(x, y, patch, n_train=400, steps=150, seed=0)["location_by_index"] < 0.35
+
+
+def test_scores_report_per_type_recall_and_naming() -> None:
+    """``recall_<type>``: called defective at all; ``type_<type>``: called by its own name."""
+    module = _probe_module()
+    scratch, spot = 1 + DEFECT_TYPES.index("scratch"), 1 + DEFECT_TYPES.index("spot")
+    # four scratches: named right, called a spot, called a spot, missed; two spots, both named right
+    truth = [scratch, scratch, scratch, scratch, spot, spot, 0, 0]
+    called = [scratch, spot, spot, 0, spot, spot, 0, spot]
+    logits = torch.full((len(truth), 1 + len(DEFECT_TYPES)), -5.0)
+    logits[torch.arange(len(truth)), torch.tensor(called)] = 5.0
+    labels = torch.tensor([[t, -1 if t == 0 else 0, 1] for t in truth])
+    out = module.scores(logits, None, labels)
+    assert out["recall_scratch"] == 0.75 and out["type_scratch"] == 0.25
+    assert out["recall_spot"] == 1.0 and out["type_spot"] == 1.0
+    assert out["ok_specificity"] == 0.5 and out["presence"] == 6 / 8
+    assert "type_chip" not in out
