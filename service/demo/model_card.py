@@ -101,6 +101,19 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
             + "), so that each token carries the inspection answer rather than only the one token that holds the defect"
         )
 
+    trains = bool(vision["steps"] or steps_run.get("language_steps_run", language["steps"]))
+    reset = (
+        (" Finally, the" if trains else " The")
+        + f" LM head's rows of the {steps_run.get('output_rows_reset')} tokens that no general answer "
+        "uses are re-centred on the rows the answers use, at their spread (`--neutral-output-rows`): trained only as "
+        "softmax negatives, they sat so far below the rest that an adapter on the LLM linears could not raise them against "
+        "a token the base already emits (see the notes)."
+        if stage.get("neutral_output_rows")
+        else ""
+    )
+    if not trains:
+        origin = "from scratch" if not stage.get("init_from") else "from the previous command's output"
+        return f"{number}. **Command {number}** ({origin}; no training).{reset}"
     language_text = (
         f"language stage ({steps_run.get('language_steps_run', language['steps'])} steps run, batch "
         f"{language['batch']}, AdamW lr {language['lr']}): tower frozen; LLM, VCE attention and MLP projector "
@@ -163,7 +176,19 @@ def _stage_text(number: int, stage: dict[str, Any], steps_run: dict[str, Any]) -
     else:
         vision_text = "The "
     origin = "from scratch" if not stage.get("init_from") else "from the previous command's output"
-    return f"{number}. **Command {number}** ({origin}; data: {data}). {vision_text}{language_text}"
+    return f"{number}. **Command {number}** ({origin}; data: {data}). {vision_text}{language_text}{reset}"
+
+
+def _final_statistics(training: dict[str, Any]) -> str:
+    """The smoothed end-of-stage figures of the last command that trained anything."""
+    runs = stages(training)
+    trained = [i for i, run in enumerate(runs) if run.get("vision_final") or run.get("language_steps_run")]
+    if not trained:
+        return "No command trained anything."
+    i = trained[-1]
+    which = "the last command" if i == len(runs) - 1 else f"the last command that trained (command {i + 1})"
+    return (f"Final training statistics of {which} (smoothed): vision stage {runs[i]['vision_final']}, "
+            f"language loss {runs[i]['language_final_loss']}.")
 
 
 def _recipe_lines(recipe: dict[str, Any], training: dict[str, Any]) -> list[str]:
@@ -226,8 +251,7 @@ def render(card: dict[str, Any], adapter: dict[str, Any] | None = None, latency_
         "",
         "Saved with `save_base` in float16; the fingerprint above is that of the saved weights loaded in float32.",
         "",
-        f"Final training statistics of the last command (smoothed): vision stage {training['vision_final']}, "
-        f"language loss {training['language_final_loss']}.",
+        _final_statistics(training),
         "",
         f"Training time: {sum(run['seconds']['total'] for run in stages(training)) / 60:.1f} min wall in all ("
         + "; ".join(

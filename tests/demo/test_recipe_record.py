@@ -22,6 +22,7 @@ from service.demo.train_base import build_parser, chain_previous_stages, recipe_
          "--language-defect-weight", "1", "--language-summary-weight", "0.5"],
         ["--init-from", "/tmp/base", "--vision-distill-weight", "1.5", "--defect-summary-weight", "2",
          "--defect-class-weights", "chip=4,scratch=2"],
+        ["--init-from", "/tmp/base", "--vision-steps", "0", "--language-steps", "0", "--neutral-output-rows"],
     ],
 )
 def test_recorded_command_parses_back_to_the_same_options(argv):
@@ -146,3 +147,32 @@ def test_bad_class_weights_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", "/nonexistent/never-written"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_card_describes_a_reset_only_command():
+    from service.demo.model_card import _stage_text
+
+    stage = {"command": "python -m service.demo.train_base --init-from /tmp/s6", "init_from": "/tmp/s6", "seed": 6,
+             "pool_images": 10, "pool_seed": 1006, "vision": {"steps": 0, "batch": 4, "lr": 1e-3},
+             "language": {"steps": 0, "batch": 4, "lr": 5e-4}, "neutral_output_rows": True}
+    text = _stage_text(7, stage, {"language_steps_run": 0, "output_rows_reset": 340})
+    assert text.startswith("7. **Command 7** (from the previous command's output; no training).")
+    assert "rows of the 340 tokens that no general answer uses are re-centred on the rows the answers use" in text
+    trained = _stage_text(7, {**stage, "language": {"steps": 5, "batch": 4, "lr": 5e-4}},
+                          {"language_steps_run": 5, "output_rows_reset": 340})
+    assert "language stage (5 steps run" in trained and "the 340 tokens" in trained
+    assert "re-centred" not in _stage_text(7, {**stage, "neutral_output_rows": False}, {"language_steps_run": 5})
+
+
+def test_final_statistics_come_from_the_last_command_that_trained():
+    from service.demo.model_card import _final_statistics
+
+    trained = {"vision_final": {"steps": 1900, "acc_defect": 0.85}, "language_final_loss": 1.5463,
+               "language_steps_run": 160}
+    reset_only = {"vision_final": {}, "language_final_loss": 0.0, "language_steps_run": 0, "previous": [trained]}
+    assert _final_statistics(reset_only) == (
+        "Final training statistics of the last command that trained (command 1) (smoothed): vision stage "
+        "{'steps': 1900, 'acc_defect': 0.85}, language loss 1.5463."
+    )
+    assert _final_statistics(trained).startswith("Final training statistics of the last command (smoothed)")
+    assert _final_statistics({"vision_final": {}, "language_steps_run": 0}) == "No command trained anything."

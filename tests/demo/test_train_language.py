@@ -97,3 +97,50 @@ def test_language_stage_trains_the_position_embedding_at_its_own_rate(tiny_base)
     assert torch.count_nonzero(projector.position_embedding) > 0
     assert all(torch.equal(v, projector.mlp.state_dict()[k]) for k, v in mlp_before.items())
     assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
+def test_neutral_output_rows_moves_only_the_rows_no_answer_uses(tiny_base):
+    from service.demo.train_base import neutral_output_rows
+
+    head = tiny_base.model.get_output_embeddings().weight
+    before = head.detach().clone()
+    answers = ["red", "hex nut", "3", "red"]
+    used = {tiny_base.tokenizer.eos_token_id}
+    for answer in answers:
+        used.update(tiny_base.tokenizer(tiny_base.prompt.answer_prefix + answer, add_special_tokens=False)["input_ids"])
+    used = sorted(used)
+    unused = [i for i in range(head.shape[0]) if i not in used]
+
+    reset = neutral_output_rows(tiny_base, answers)
+
+    assert reset == len(unused) > 0
+    assert torch.equal(head[used], before[used])
+    # by hand: centred on the used rows' mean, at the used rows' spread, each row keeping its own offset
+    kept, moved = before[used], before[unused]
+    rms = lambda rows: (rows - rows.mean(0)).pow(2).sum(-1).mean().sqrt()  # noqa: E731
+    expected = kept.mean(0) + (moved - moved.mean(0)) * rms(kept) / rms(moved)
+    assert torch.allclose(head[unused], expected, atol=1e-6)
+    assert torch.allclose(head[unused].mean(0), kept.mean(0), atol=1e-5)
+    assert torch.allclose(rms(head[unused]), rms(kept), rtol=1e-4)
+    # so on average over hidden states an unused token's logit sits where the answer tokens' do,
+    # and unused tokens stay distinguishable from each other
+    hidden = torch.randn(64, head.shape[1])
+    logits = hidden @ head.T
+    assert torch.allclose(logits[:, unused].mean(-1), logits[:, used].mean(-1), atol=1e-4)
+    assert not torch.allclose(logits[:, unused[0]], logits[:, unused[1]])
+
+
+def test_neutral_output_rows_refuses_a_tied_head(tiny_base):
+    from service.demo.train_base import neutral_output_rows
+
+    tiny_base.model.get_output_embeddings().weight = tiny_base.model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="tied"):
+        neutral_output_rows(tiny_base, ["red"])
+
+
+def test_language_stage_of_zero_steps_changes_nothing(tiny_base):
+    size = tiny_base.model.config.vision_config.image_size
+    before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
+    loss, steps = train_language(tiny_base, build_pool(4, seed=5, size=size), steps=0, batch_size=4, lr=1e-2, seed=0)
+    assert (loss, steps) == (0.0, 0)
+    assert all(torch.equal(v, tiny_base.model.state_dict()[k]) for k, v in before.items())
