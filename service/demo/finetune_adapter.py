@@ -29,7 +29,7 @@ from service.demo.data import EVAL_SEED
 from service.demo.evaluate import evaluate
 from service.model.base import BaseModel, load_base
 from service.model.lora import AdapterConfig, AdapterWeights, save_adapter
-from service.model.training import TrainingExample, adapter_loss, build_batch, trainable_adapter
+from service.model.training import TrainingExample, adapter_loss, build_batch, cosine_lr, trainable_adapter
 from service.world import generate_examples
 
 log = logging.getLogger("service.demo.finetune_adapter")
@@ -66,7 +66,7 @@ def train_adapter(
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = cosine_lr(lr, step, total)
             batch = build_batch(
                 base, [TrainingExample(examples[i][1]["instruction"], examples[i][1]["answer"], [examples[i][0]]) for i in idx]
             )

@@ -7,6 +7,7 @@ another thread. When training ends, :meth:`AdapterSlots.load` copies it into a s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,15 @@ class TrainingBatch:
     token_rows: list[list[int]]
     labels: torch.Tensor  # [B, T], IGNORE_INDEX outside the answers (left padded like the rows)
     images: list[list[Image.Image]]
+
+
+def cosine_lr(peak: float, step: int, total: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total``: cosine decay from ``peak`` towards 0.
+
+    Used by the fine-tuning job and ``service.demo.finetune_adapter`` alike. A function of the step
+    alone, so a job resumed from a checkpoint continues on the same schedule.
+    """
+    return peak * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
 def trainable_adapter(

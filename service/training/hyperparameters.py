@@ -14,7 +14,7 @@ class Hyperparameters(BaseModel):
     rank: int = Field(16, ge=1, le=256, description="adapter rank r")
     alpha: float = Field(32.0, gt=0, le=4096, description="scale s = alpha / r")
     epochs: int = Field(3, ge=1, le=100)
-    learning_rate: float = Field(2e-3, gt=0, le=1.0)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="peak AdamW rate; cosine decay to 0 over the run")
     batch_size: int = Field(8, ge=1, le=128)
     validation_split: float = Field(0.1, ge=0.0, le=0.5, description="fraction held out for validation")
     seed: int = Field(0, ge=0, le=2**31 - 1)

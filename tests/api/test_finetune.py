@@ -208,3 +208,39 @@ def test_a_job_that_breaks_fails_with_a_code_and_message(tiny_base_dir, tmp_path
         assert done["status"] == "failed"
         assert done["error"]["code"] == "training_error" and done["error"]["message"]
         assert client.get("/v1/adapters/f").status_code == 404
+
+
+def test_the_learning_rate_decays_on_a_cosine_over_the_job(tiny_base_dir, tmp_path, monkeypatch):
+    """Each step runs at ``cosine_lr(peak, step, total)``: read back from the optimizer as it steps."""
+    import torch
+
+    from service.model.training import cosine_lr
+
+    seen: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    with make_client(tiny_base_dir, tmp_path) as client:
+        job = client.post("/v1/finetune", data={"adapter": "lr", **HYPER, "epochs": "3", "batch_size": "4",
+                                                "validation_split": "0"},
+                          files={"dataset": ("lr.zip", colour_zip(2), "application/zip")}).json()
+        done = wait_for(client, job["id"])
+    assert done["status"] == "succeeded"
+    total = done["progress"]["total_steps"]
+    assert len(seen) == total > 2
+    assert seen == pytest.approx([cosine_lr(0.003, step, total) for step in range(total)])
+    assert seen[0] == pytest.approx(0.003) and seen[-1] < 0.003 * 0.2
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "expected"),
+    [(0, 10, 1.0), (5, 10, 0.5), (10, 10, 0.0), (12, 10, 0.0), (0, 0, 1.0), (1, 4, 0.5 * (1 + 2**-0.5))],
+)
+def test_cosine_lr(step, total, expected):
+    from service.model.training import cosine_lr
+
+    assert cosine_lr(1.0, step, total) == pytest.approx(expected)
