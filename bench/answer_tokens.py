@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.demo.data import EVAL_SEED  # noqa: E402
 from service.model.base import BaseModel, load_base  # noqa: E402
-from service.model.generate import embed_prompts  # noqa: E402
+from service.model.generate import answer_token_ids, embed_prompts  # noqa: E402
 from service.model.lora import load_adapter  # noqa: E402
 from service.model.lora.context import adapter_batch  # noqa: E402
 from service.model.training import TrainingExample, build_batch  # noqa: E402
@@ -40,14 +40,10 @@ from service.world import DEFECT_TYPES, generate_examples  # noqa: E402
 from service.world.questions import format_inspection_answer  # noqa: E402
 
 
-def answer_ids(base: BaseModel, answer: str) -> list[int]:
-    return base.tokenizer(base.prompt.answer_prefix + answer, add_special_tokens=False)["input_ids"]
-
-
 def naming_position(base: BaseModel, defect_type: str) -> int:
     """Index (in the answer's tokens) of the first token where this type's answer differs from all others'."""
-    own = answer_ids(base, format_inspection_answer(defect_type, "top-left"))
-    others = [answer_ids(base, format_inspection_answer(t, "top-left")) for t in DEFECT_TYPES if t != defect_type]
+    own = answer_token_ids(base, format_inspection_answer(defect_type, "top-left"))
+    others = [answer_token_ids(base, format_inspection_answer(t, "top-left")) for t in DEFECT_TYPES if t != defect_type]
     for k in range(len(own)):
         if all(len(o) <= k or o[: k + 1] != own[: k + 1] for o in others):
             return k
@@ -62,7 +58,7 @@ def token_probabilities(base: BaseModel, slot_adapter, image, instruction: str, 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with adapter_batch(trainable=slot_adapter):
         logits = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[0]
-    n = len(answer_ids(base, answer))
+    n = len(answer_token_ids(base, answer))
     ids = torch.tensor(batch.token_rows[0][-n - 1 :])  # the answer and EOS
     return logits[-n - 2 : -1].softmax(-1).gather(-1, ids[:, None])[:, 0]
 
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     general_vocab = {base.tokenizer.eos_token_id}
     for _, record in generate_examples(2000, 777, kind="general", size=32):
-        general_vocab.update(answer_ids(base, record["answer"]))
+        general_vocab.update(answer_token_ids(base, record["answer"]))
 
     by_type: dict[str, list[torch.Tensor]] = defaultdict(list)
     for image, record in generate_examples(args.n, EVAL_SEED, kind="inspection"):
@@ -102,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not rows:
             continue
         answer = "ok" if name == "ok" else format_inspection_answer(name, "top-left")
-        ids = answer_ids(base, answer)
+        ids = answer_token_ids(base, answer)
         inspection_vocab.update(ids)
         # answers differ in length by location; the type part is the same for every location
         k = 0 if name == "ok" else naming_position(base, name)

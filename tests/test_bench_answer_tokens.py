@@ -32,7 +32,7 @@ def test_naming_token_is_where_a_type_parts_from_every_other(defect_type, naming
     module = _module()
     base = load_base(DEMO_BASE, n_slots=0)
     k = module.naming_position(base, defect_type)
-    ids = module.answer_ids(base, f"defect: {defect_type}, top-left")
+    ids = module.answer_token_ids(base, f"defect: {defect_type}, top-left")
     assert base.tokenizer.convert_ids_to_tokens([ids[k]]) == [naming]
 
 
@@ -52,5 +52,5 @@ def test_token_probabilities_agree_with_the_training_loss(tiny_base):
         probs = module.token_probabilities(tiny_base, adapter, image, record["instruction"], record["answer"])
         batch = build_batch(tiny_base, [TrainingExample(record["instruction"], record["answer"], [image])])
         loss = adapter_loss(tiny_base, batch, adapter).item()
-    assert len(probs) == len(module.answer_ids(tiny_base, record["answer"])) + 1  # and EOS
+    assert len(probs) == len(module.answer_token_ids(tiny_base, record["answer"])) + 1  # and EOS
     assert math.isclose(-probs.log().mean().item(), loss, rel_tol=1e-4)

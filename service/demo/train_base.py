@@ -65,6 +65,7 @@ from service.demo.data import (
     tokenizer_corpus,
 )
 from service.model.base import BaseModel, load_base, save_base
+from service.model.generate import answer_token_ids
 from service.model.presets import build_random_base
 from service.model.training import TrainingExample, adapter_loss, build_batch
 from service.world import DEFECT_TYPES, GRID_CELLS, PART_TYPES
@@ -289,11 +290,10 @@ def neutral_output_rows(base: BaseModel, answers: Iterable[str]) -> int:
     head = base.model.get_output_embeddings().weight  # [vocab, d_llm]
     if head.data_ptr() == base.model.get_input_embeddings().weight.data_ptr():
         raise ValueError("the LM head is tied to the input embeddings; resetting its rows would change the inputs too")
-    tokenizer = base.tokenizer
     used = torch.zeros(head.shape[0], dtype=torch.bool)
-    used[tokenizer.eos_token_id] = True
+    used[base.tokenizer.eos_token_id] = True
     for answer in set(answers):
-        used[tokenizer(base.prompt.answer_prefix + answer, add_special_tokens=False)["input_ids"]] = True
+        used[answer_token_ids(base, answer)] = True
     if used.all():
         return 0
     with torch.no_grad():
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = build_pool(args.pool, pool_seed)
     defect_seed = 4000 + args.seed
     defects = None
-    if args.defect_pool:
+    if args.defect_pool and (args.vision_steps or args.language_steps):  # a no-training command needs none
         log.info("rendering %d inspection images for the defect head (seed %d)", args.defect_pool, defect_seed)
         defects = build_defect_pool(args.defect_pool, defect_seed)
     logging.getLogger("service.model.base").setLevel(logging.ERROR)

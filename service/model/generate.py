@@ -104,6 +104,11 @@ def encode_prompt(base: BaseModel, instruction: str, n_images: int) -> list[int]
     return expanded
 
 
+def answer_token_ids(base: BaseModel, answer: str) -> list[int]:
+    """The tokens of ``answer`` as the model writes it after the prompt (answer prefix, no EOS)."""
+    return base.tokenizer(base.prompt.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+
+
 def answer_token_budget(base: BaseModel, answers: list[str], margin: int = 4) -> int:
     """``max_new_tokens`` that fits the longest of ``answers`` (as the model writes it) plus ``margin``.
 
@@ -111,10 +116,7 @@ def answer_token_budget(base: BaseModel, answers: list[str], margin: int = 4) ->
     ones (an inspection answer such as ``defect: missing_hole, top-right`` is 23 tokens with the
     demo tokenizer), and a truncated answer counts as wrong.
     """
-    longest = max(
-        (len(base.tokenizer(base.prompt.answer_prefix + a, add_special_tokens=False)["input_ids"]) for a in answers),
-        default=0,
-    )
+    longest = max((len(answer_token_ids(base, a)) for a in answers), default=0)
     return longest + margin
 
 

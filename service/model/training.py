@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from service.model.base import BaseModel
-from service.model.generate import embed_prompts, encode_prompt
+from service.model.generate import answer_token_ids, embed_prompts, encode_prompt
 from service.model.lora.config import AdapterConfig
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
@@ -73,7 +73,7 @@ def build_batch(base: BaseModel, examples: list[TrainingExample]) -> TrainingBat
     eos = base.tokenizer.eos_token_id
     for ex in examples:
         prompt = encode_prompt(base, ex.instruction, len(ex.images))
-        answer = base.tokenizer(base.prompt.answer_prefix + ex.answer, add_special_tokens=False)["input_ids"] + [eos]
+        answer = answer_token_ids(base, ex.answer) + [eos]
         if len(prompt) + len(answer) > base.max_context:
             raise ValueError(f"example of {len(prompt) + len(answer)} tokens exceeds the context {base.max_context}")
         rows.append(prompt + answer)

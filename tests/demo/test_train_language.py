@@ -144,3 +144,29 @@ def test_language_stage_of_zero_steps_changes_nothing(tiny_base):
     loss, steps = train_language(tiny_base, build_pool(4, seed=5, size=size), steps=0, batch_size=4, lr=1e-2, seed=0)
     assert (loss, steps) == (0.0, 0)
     assert all(torch.equal(v, tiny_base.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_train_base_without_steps_only_neutralises_the_head(tiny_base_dir, tmp_path, monkeypatch):
+    """``--vision-steps 0 --language-steps 0 --neutral-output-rows``: the head's unused rows move,
+    every other weight stays, the card records it, and no close-up is rendered for nothing."""
+    import json
+
+    import service.demo.train_base as train_base
+    from service.model.base import load_base
+
+    def no_close_ups(*args, **kwargs):
+        raise AssertionError("a command that trains nothing rendered close-ups")
+
+    monkeypatch.setattr(train_base, "build_defect_pool", no_close_ups)
+    out = tmp_path / "out"
+    card = train_base.main(["--init-from", str(tiny_base_dir), "--out", str(out), "--pool", "8", "--vision-steps", "0",
+                            "--language-steps", "0", "--neutral-output-rows", "--eval-n", "0", "--threads", "1"])
+
+    assert card["recipe"]["neutral_output_rows"] is True and card["training"]["output_rows_reset"] > 0
+    before, after = load_base(tiny_base_dir, n_slots=0), load_base(out, n_slots=0)
+    head_before, head_after = before.model.lm_head.weight, after.model.lm_head.weight
+    moved = ~torch.isclose(head_before, head_after, atol=2e-3).all(-1)  # float16 on disk
+    assert int(moved.sum()) == card["training"]["output_rows_reset"]
+    tower = after.model.model.vision_tower.state_dict()
+    assert all(torch.allclose(v, tower[k], atol=2e-3) for k, v in before.model.model.vision_tower.state_dict().items())
+    assert json.loads((out / "MODEL_CARD.json").read_text())["recipe"]["neutral_output_rows"] is True
