@@ -3,9 +3,14 @@
 Starts the real server (``python -m service serve``) twice on loopback — once with dynamic
 batching (``--max-batch-size 16``) and once with batch size 1 — and drives each with N concurrent
 clients, half on the base and half spread over several adapters, each sending a world image and a
-question. The speed-up of dynamic batching is measured in the same run.
+question. The speed-up of dynamic batching is measured in the same run: both servers run at once
+(the idle one sleeps), and each client count is measured ``--rounds`` times, alternating which
+server goes first, so that a noisy machine slows both alike. Throughput is the median over
+rounds, the speed-up the median of each round's ratio, latencies are pooled over rounds. CPU time
+per request (server process, all threads; and this load generator, which shares the machine) is
+read from ``/proc`` and ``getrusage``.
 
-    python bench/serve_load.py [--model service/assets/demo-base] [--clients 1 4 16] [--requests-per-client 6]
+    python bench/serve_load.py [--model service/assets/demo-base] [--clients 1 4 16] [--requests-per-client 6] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import io
 import logging
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -92,6 +98,14 @@ class Server:
         self.close()
         raise RuntimeError("server did not become ready")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.terminate()
         try:
@@ -121,9 +135,30 @@ def run_load(url: str, clients: int, per_client: int, adapters: list[str], image
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         latencies = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - started
-    latencies.sort()
-    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
-    return {"rps": len(latencies) / wall, "p50": statistics.median(latencies), "p95": p95, "n": len(latencies)}
+    return {"rps": len(latencies) / wall, "latencies": latencies}
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(server: Server, clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int) -> dict:
+    """One load run, with the CPU time the server and this load generator spent per request."""
+    server_cpu, client_cpu = server.cpu_seconds(), own_cpu_seconds()
+    result = run_load(server.url, clients, per_client, adapters, images, max_new_tokens)
+    n = len(result["latencies"])
+    result["server_cpu_ms"] = (server.cpu_seconds() - server_cpu) * 1e3 / n
+    result["client_cpu_ms"] = (own_cpu_seconds() - client_cpu) * 1e3 / n
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+BATCHED, SINGLE = "dynamic batching (max 16, 10 ms)", "batch size 1"
 
 
 def main() -> None:
@@ -131,6 +166,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per client count (median)")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12)
@@ -139,32 +175,41 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
+    runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store, data = Path(tmp) / "adapters", Path(tmp) / "data"
+        store = Path(tmp) / "adapters"
         adapters = make_adapters(args.model, store, args.adapters, args.rank)
         images = world_images(32)
-        results: dict[tuple[str, int], dict] = {}
-        for label, max_batch, wait in (("dynamic batching (max 16, 10 ms)", 16, 10.0), ("batch size 1", 1, 0.0)):
-            server = Server(args.model, store, data, max_batch, wait, args.dtype)
-            try:
-                run_load(server.url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
-                for clients in args.clients:
-                    results[(label, clients)] = run_load(
-                        server.url, clients, args.requests_per_client, adapters, images, args.max_new_tokens)
-            finally:
+        servers: dict[str, Server] = {}
+        try:
+            for label, max_batch, wait in ((BATCHED, 16, 10.0), (SINGLE, 1, 0.0)):
+                servers[label] = Server(args.model, store, Path(tmp) / f"data-{max_batch}", max_batch, wait, args.dtype)
+                run_load(servers[label].url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
+            for clients in args.clients:
+                for round_ in range(args.rounds):
+                    order = (BATCHED, SINGLE) if round_ % 2 == 0 else (SINGLE, BATCHED)
+                    for label in order:
+                        runs.setdefault((label, clients), []).append(
+                            measure(servers[label], clients, args.requests_per_client, adapters, images, args.max_new_tokens))
+        finally:
+            for server in servers.values():
                 server.close()
 
     print(f"# serve load: {args.model.name}, {args.adapters} adapters (rank {args.rank}) + base, "
-          f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, dtype {args.dtype}, "
-          f"{platform.machine()} {os.cpu_count()} cores\n")
-    print("| server | clients | requests | throughput req/s | p50 ms | p95 ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for (label, clients), r in results.items():
-        print(f"| {label} | {clients} | {r['n']} | {r['rps']:.2f} | {r['p50'] * 1e3:.0f} | {r['p95'] * 1e3:.0f} |")
+          f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, {args.rounds} rounds, "
+          f"dtype {args.dtype}, {platform.machine()} {os.cpu_count()} cores\n")
+    print("| server | clients | requests | throughput req/s (median) | p50 ms | p95 ms | server CPU ms/req | load generator CPU ms/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (label, clients), rs in runs.items():
+        latencies = [x for r in rs for x in r["latencies"]]
+        print(f"| {label} | {clients} | {len(latencies)} | {statistics.median(r['rps'] for r in rs):.2f} | "
+              f"{percentile(latencies, 0.5) * 1e3:.0f} | {percentile(latencies, 0.95) * 1e3:.0f} | "
+              f"{statistics.median(r['server_cpu_ms'] for r in rs):.1f} | {statistics.median(r['client_cpu_ms'] for r in rs):.1f} |")
     print()
     for clients in args.clients:
-        speedup = results[("dynamic batching (max 16, 10 ms)", clients)]["rps"] / results[("batch size 1", clients)]["rps"]
-        print(f"{clients} clients: dynamic batching / batch size 1 throughput = {speedup:.2f}x")
+        ratios = [b["rps"] / s["rps"] for b, s in zip(runs[(BATCHED, clients)], runs[(SINGLE, clients)], strict=True)]
+        print(f"{clients} clients: dynamic batching / batch size 1 throughput = {statistics.median(ratios):.2f}x "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, ge=1, le=4096, description="upper bound on a request's max_new_tokens")
     max_instruction_chars: int = Field(4000, ge=1)
     max_batch_size: int = Field(16, ge=1, le=256, description="rows per generation batch")
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits to fill (only after a batch of more than one row)")
     max_queue: int = Field(256, ge=1, description="waiting requests before answering 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's limit, queueing included")
     redis_url: str | None = Field(None, description="Redis queue for trainers on other machines (default: SQLite)")

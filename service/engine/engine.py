@@ -3,8 +3,12 @@
 Requests are validated and their adapter version resolved when submitted (so a request finishes
 on the version it started with even if ``live`` moves), then wait in a bounded queue. One worker
 thread takes the first waiting request, waits up to ``max_wait_ms`` for more (up to
-``max_batch_size``), loads any missing adapters into slots, and runs the whole batch — rows with
-different adapters, images and sampling settings — through one :func:`generate` call.
+``max_batch_size``) if the previous batch had more than one row, loads any missing adapters into
+slots, and runs the whole batch — rows with different adapters, images and sampling settings —
+through one :func:`generate` call. Waiting only after a shared batch means a lone client never
+waits for rows that are not coming, while under load (where batches fill) the wait gathers them;
+a burst's first request runs at once and the rest form the next batch. In :func:`generate`, rows
+that finish leave the batch, so a short answer does not decode until the longest one ends.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class Engine:
         self.cache = ImageFeatureCache()
         self._queue: queue.Queue[PendingRow] = queue.Queue(maxsize=settings.max_queue)
         self._deferred: list[PendingRow] = []
+        self._last_batch_size = 1
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
@@ -166,7 +171,8 @@ class Engine:
                 batch.append(self._queue.get(timeout=0.1))
             except queue.Empty:
                 return []
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1e3
+        wait_s = self.settings.max_wait_ms / 1e3 if self._last_batch_size > 1 else 0.0
+        deadline = time.perf_counter() + wait_s
         while len(batch) < self.settings.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
@@ -174,6 +180,7 @@ class Engine:
             except queue.Empty:
                 break
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        self._last_batch_size = len(batch)
         return batch
 
     def _run(self) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers.cache_utils import Cache
 
 from service.model.base import BaseModel
 from service.model.lora.context import adapter_batch
@@ -211,6 +212,24 @@ def _emit(base: BaseModel, request: GenerationRequest, ids: list[int], sent: str
     return text
 
 
+def _keep_rows(
+    cache: Cache, keep: list[int], mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop every row of the KV cache (and of ``mask [B, T]``, ``positions [B, 1+]``, ``slots [B]``)
+    not in ``keep``, then the leading columns that are padding in every row left.
+    """
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    cache.batch_select_indices(index)
+    mask, positions, slots = mask[index], positions[index], slots[index]
+    # Left padding that no remaining row needs (e.g. a text-only row outliving the image rows).
+    lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
+    if lead:
+        mask = mask[:, lead:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+    return mask, positions, slots
+
+
 @torch.no_grad()
 def generate(
     base: BaseModel,
@@ -252,48 +271,53 @@ def generate(
 
     eos = base.tokenizer.eos_token_id
     batch = len(requests)
-    budget = torch.tensor([r.max_new_tokens for r in requests])
+    budget = [r.max_new_tokens for r in requests]
     outputs: list[list[int]] = [[] for _ in requests]
     done = [r.max_new_tokens <= 0 for r in requests]
     finish = ["length"] * batch
-    with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(slots):
-        out = base.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        t2 = time.perf_counter()
-        timing.prefill_ms += (t2 - t1) * 1e3
-        step = 0
-        streamed = [""] * batch
-        while not all(done):
-            tokens = _next_tokens(out.logits[:, -1], requests, generators)
-            for i, tok in enumerate(tokens.tolist()):
-                if done[i]:
-                    continue
-                req = requests[i]
-                if req.is_cancelled is not None and req.is_cancelled():
-                    done[i], finish[i] = True, "cancelled"
-                    continue
-                if tok == eos:
-                    done[i], finish[i] = True, "stop"
-                    continue
-                outputs[i].append(tok)
-                if len(outputs[i]) >= budget[i]:
-                    done[i] = True
-                if req.on_text is not None:
-                    streamed[i] = _emit(base, req, outputs[i], streamed[i])
-            step += 1
-            if all(done):
-                break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = base.model(
-                input_ids=tokens.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=positions,
-                cache=out.cache,
-                use_cache=True,
-            )
-        timing.decode_ms += (time.perf_counter() - t2) * 1e3
+    streamed = [""] * batch
+
+    def forward(row_slots: torch.Tensor, **inputs):
+        with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(row_slots):
+            return base.model(use_cache=True, **inputs)
+
+    out = forward(slots, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    t2 = time.perf_counter()
+    timing.prefill_ms += (t2 - t1) * 1e3
+    logits = out.logits[:, -1]
+    active = [i for i in range(batch) if not done[i]]  # request index of each row of the KV cache
+    if active and len(active) < batch:
+        logits = logits[torch.tensor(active, device=logits.device)]
+        mask, positions, slots = _keep_rows(out.cache, active, mask, positions, slots)
+    while active:
+        tokens = _next_tokens(logits, [requests[i] for i in active], [generators[i] for i in active])
+        for i, tok in zip(active, tokens.tolist(), strict=True):
+            req = requests[i]
+            if req.is_cancelled is not None and req.is_cancelled():
+                done[i], finish[i] = True, "cancelled"
+                continue
+            if tok == eos:
+                done[i], finish[i] = True, "stop"
+                continue
+            outputs[i].append(tok)
+            if len(outputs[i]) >= budget[i]:
+                done[i] = True
+            if req.on_text is not None:
+                streamed[i] = _emit(base, req, outputs[i], streamed[i])
+        keep = [j for j, i in enumerate(active) if not done[i]]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            # Rows that finished leave the batch, so the remaining steps cost only what the rows
+            # still generating need (answers of 1-12 tokens would otherwise all run to the longest).
+            active = [active[j] for j in keep]
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            mask, positions, slots = _keep_rows(out.cache, keep, mask, positions, slots)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = forward(slots, input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions, cache=out.cache)
+        logits = out.logits[:, -1]
+    timing.decode_ms += (time.perf_counter() - t2) * 1e3
     for req, ids, sent in zip(requests, outputs, streamed, strict=True):
         if req.on_text is not None:
             _emit(base, req, ids, sent, final=True)

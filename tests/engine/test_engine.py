@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from PIL import Image
@@ -147,3 +148,35 @@ def test_cancelled_rows_stop_early(make_engine):
     assert keep.future.result(timeout=60)["usage"]["completion_tokens"] >= 1
     with pytest.raises(Exception, match="cancelled"):
         drop.future.result(timeout=60)
+
+
+def test_a_lone_request_does_not_wait_for_company_but_a_crowd_is_batched(make_engine):
+    """The batch wait applies only once batches have company: one client never pays it."""
+    engine = make_engine(max_batch_size=8, max_wait_ms=3000)
+    for _ in range(2):
+        started = time.perf_counter()
+        result = engine.answer(AnswerJob("hi", [], None, 2))
+        assert time.perf_counter() - started < 2.0  # far below the 3 s wait
+        assert result["timing_ms"]["batch_size"] == 1 and result["timing_ms"]["queue"] < 1000
+    # A crowd: rows that arrive while another runs form the next batch without any wait...
+    gate, entered = threading.Event(), threading.Event()
+    original = engine._execute
+
+    def held(batch):
+        entered.set()
+        gate.wait(30)
+        original(batch)
+
+    engine._execute = held
+    blocker = engine.submit(AnswerJob("hi", [], None, 2))
+    assert entered.wait(30)
+    crowd = [engine.submit(AnswerJob("hi", [], None, 2)) for _ in range(4)]
+    gate.set()
+    assert blocker.future.result(timeout=60)["timing_ms"]["batch_size"] == 1
+    assert [r.future.result(timeout=60)["timing_ms"]["batch_size"] for r in crowd] == [4] * 4
+    # ...and once batches have company, the worker waits for rows arriving one by one.
+    second = []
+    for _ in range(4):
+        second.append(engine.submit(AnswerJob("hi", [], None, 2)))
+        time.sleep(0.05)  # arriving one by one, well inside the wait
+    assert [r.future.result(timeout=60)["timing_ms"]["batch_size"] for r in second] == [4] * 4

@@ -121,3 +121,37 @@ def test_image_features_are_computed_once_per_distinct_image(tiny_base):
     second = generate(tiny_base, reqs, cache=cache)
     assert cache.hits == 1
     assert [r.token_ids for r in first] == [r.token_ids for r in second]
+
+
+def test_finished_rows_leave_the_batch(tiny_base):
+    """Decode steps after a row finishes run without it, and without the padding only it needed."""
+    eos = tiny_base.tokenizer.eos_token_id
+    head = tiny_base.model.lm_head
+    no_eos = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        no_eos.weight.copy_(head.weight)
+        no_eos.bias.zero_()
+        no_eos.bias[eos] = -1e4  # every row runs to its max_new_tokens
+    tiny_base.model.lm_head = no_eos
+    load_random_adapters(tiny_base)
+    ims = images()
+    requests = [
+        GenerationRequest("What colour is the part?", [ims[0], ims[1]], slot=1, max_new_tokens=2),
+        GenerationRequest("Describe", [], slot=2, max_new_tokens=0),
+        GenerationRequest("Describe it", [], slot=3, max_new_tokens=5),
+    ]
+    masks: list[tuple[int, int]] = []
+    hook = tiny_base.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: masks.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True)
+    try:
+        batched = generate(tiny_base, requests)
+    finally:
+        hook.remove()
+    assert [len(r.token_ids) for r in batched] == [2, 0, 5]
+    for req, got in zip(requests, batched, strict=True):
+        assert got.token_ids == generate(tiny_base, [req])[0].token_ids
+    image_row, text_row = batched[0].prompt_tokens, batched[2].prompt_tokens
+    assert image_row > text_row + 1
+    # Prefill: all three rows, padded to the image row. Step 1: rows 0 and 2. Steps 2-4: row 2
+    # alone, its mask no wider than its own prompt and answer so far.
+    assert masks == [(3, image_row), (2, image_row + 1)] + [(1, text_row + k) for k in range(2, 5)]
