@@ -1,8 +1,9 @@
 """Batched generation: many requests, each with its own images, adapter slot and sampling settings.
 
 Left padding, a KV cache, greedy decoding by default, per-row temperature / top-p / seed, and a
-per-row stop at EOS. The vision tower + VCE run once per distinct image (optionally cached by a
-hash of the image); features are scattered into the image-token positions of the prompt embeddings.
+per-row stop at EOS; a row that stops leaves the batch, so the others decode without it. The
+vision tower + VCE run once per distinct image (optionally cached by a hash of the image);
+features are scattered into the image-token positions of the prompt embeddings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from service.model.base import BaseModel
 from service.model.lora.context import adapter_batch
@@ -222,8 +223,9 @@ def _keep_rows(
     cache.batch_select_indices(index)
     mask, positions, slots = mask[index], positions[index], slots[index]
     # Left padding that no remaining row needs (e.g. a text-only row outliving the image rows).
+    # Only plain growing layers are cut: a sliding-window layer keeps its own position count.
     lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
-    if lead:
+    if lead and all(type(layer) is DynamicLayer for layer in cache.layers):
         mask = mask[:, lead:]
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
