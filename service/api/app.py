@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import metrics
 from service.api.auth import Authenticator, require, require_read_or_write
+from service.api.request_log import RequestLog
 from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
 from service.config import Settings
@@ -87,21 +84,7 @@ def create_app(
     app.include_router(adapters.router, dependencies=[Depends(require_read_or_write("infer", "admin"))])
     app.include_router(finetune.router, dependencies=admin)
 
-    @app.middleware("http")
-    async def request_log(request: Request, call_next):
-        """A request id on every response and one structured log line per request."""
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        response.headers["x-request-id"] = request_id
-        metrics.REQUESTS.labels(path, str(response.status_code)).inc()
-        metrics.LATENCY.labels(path).observe(elapsed)
-        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
-                             "status": response.status_code, "ms": round(elapsed * 1e3, 1)}))
-        return response
+    app.add_middleware(RequestLog)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
