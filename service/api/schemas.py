@@ -26,13 +26,24 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class Timing(BaseModel):
+    """Where a request's time went, in milliseconds; the batch's stages are shared by its rows."""
+
+    queue: float = Field(..., description="waiting for a batch")
+    batch: float = Field(..., description="the whole batch this row ran in")
+    vision: float = Field(..., description="vision tower + VCE for the batch's new images")
+    prefill: float
+    decode: float
+    batch_size: int = Field(..., description="rows in that batch")
+
+
 class AnswerResponse(BaseModel):
     id: str
     answer: str
     adapter: AdapterInfo | None
     finish_reason: str
     usage: Usage
-    timing_ms: dict[str, float]
+    timing_ms: Timing
 
 
 class ErrorBody(BaseModel):

@@ -50,6 +50,10 @@ def test_json_and_multipart_answers_agree(client):
     a, b = as_json.json(), as_form.json()
     assert a["answer"] == b["answer"] and a["adapter"] is None
     assert a["usage"]["completion_tokens"] <= 5 and a["usage"]["prompt_tokens"] > 16
+    # The documented timing fields, with the batch size a JSON integer (docs/api.md).
+    assert set(a["timing_ms"]) == {"queue", "batch", "vision", "prefill", "decode", "batch_size"}
+    assert type(a["timing_ms"]["batch_size"]) is int and a["timing_ms"]["batch_size"] >= 1
+    assert all(a["timing_ms"][k] >= 0 for k in ("queue", "batch", "vision", "prefill", "decode"))
 
 
 def test_adapter_selection_by_query_body_and_version(client):
