@@ -1,0 +1,41 @@
+"""bench/serve_load.py end to end: two real servers, alternating rounds, and the table it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_percentile_is_nearest_rank():
+    percentile = _module().percentile
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile(list(map(float, range(1, 101))), 0.95) == 95.0
+    assert percentile([7.0], 0.95) == 7.0
+
+
+def test_serve_load_measures_both_servers_in_rounds(monkeypatch, capsys):
+    module = _module()
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "--clients", "2", "--requests-per-client", "2", "--rounds", "2",
+                                      "--adapters", "1", "--max-new-tokens", "2"])
+    module.main()
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (dynamic batching \(max 16, 10 ms\)|batch size 1) \| 2 \| (\d+) \| ([\d.]+) \| (\d+) \| (\d+) \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert sorted(r[0] for r in rows) == ["batch size 1", "dynamic batching (max 16, 10 ms)"]
+    for _, n, rps, p50, p95, server_cpu, client_cpu in rows:
+        assert int(n) == 2 * 2 * 2  # clients x requests x rounds, pooled
+        assert float(rps) > 0 and int(p95) >= int(p50) > 0
+        assert float(server_cpu) > 0 and float(client_cpu) > 0
+    ratio = re.search(r"2 clients: dynamic batching / batch size 1 throughput = ([\d.]+)x \(rounds: ([\d., ]+)\)", out)
+    assert ratio and len(ratio.group(2).split(", ")) == 2
