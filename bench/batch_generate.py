@@ -27,27 +27,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.serve_load import QUESTIONS, random_adapter  # noqa: E402
 from service.config import DEFAULT_MODEL_DIR  # noqa: E402
 from service.model.base import load_base  # noqa: E402
 from service.model.generate import BatchTiming, GenerationRequest, ImageFeatureCache, generate  # noqa: E402
-from service.model.lora import AdapterConfig  # noqa: E402
 from service.world import generate_examples  # noqa: E402
-
-QUESTIONS = ["Is this part defective? Where?", "What colour is the part?", "What part is this?"]
 
 
 def requests_like_the_load_test(base, n: int, n_adapters: int, rank: int, max_new_tokens: int) -> list[GenerationRequest]:
     for slot in range(1, n_adapters + 1):
-        config = AdapterConfig(r=rank, lora_alpha=2 * rank, base_model_fingerprint=base.fingerprint)
-        adapter = base.slots.new_adapter(config, seed=slot)
-        with torch.no_grad():
-            for name, p in adapter.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.01)
-        base.slots.load(slot, adapter)
+        base.slots.load(slot, random_adapter(base, rank, seed=slot)[1])
     images = [image for image, _ in generate_examples(n, seed=777, kind="inspection")]
     return [
-        GenerationRequest(QUESTIONS[i % 3], [images[i]], slot=0 if i % 2 == 0 else 1 + (i // 2) % n_adapters,
+        GenerationRequest(QUESTIONS[i % len(QUESTIONS)], [images[i]], slot=0 if i % 2 == 0 else 1 + (i // 2) % n_adapters,
                           max_new_tokens=max_new_tokens)
         for i in range(n)
     ]

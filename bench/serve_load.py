@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from service.config import DEFAULT_MODEL_DIR  # noqa: E402
 
+QUESTIONS = ["Is this part defective? Where?", "What colour is the part?", "What part is this?"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,22 +47,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapters(model: Path, store: Path, n: int, rank: int) -> list[str]:
-    """Random Dual-LoRA adapters for the base (their answers are noise; the cost is real)."""
+def random_adapter(base, rank: int, seed: int):
+    """A random Dual-LoRA adapter for ``base``, with ``B`` nonzero so that it costs what a real one does
+    (its answers are noise). Returns ``(config, weights)``."""
     import torch
 
+    from service.model.lora import AdapterConfig
+
+    config = AdapterConfig(r=rank, lora_alpha=2 * rank, base_model_fingerprint=base.fingerprint)
+    adapter = base.slots.new_adapter(config, seed=seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+    return config, adapter
+
+
+def make_adapters(model: Path, store: Path, n: int, rank: int) -> list[str]:
+    """``n`` random adapters for the base, published in ``store`` as ``bench-<i>``."""
     from service.model.base import load_base
-    from service.model.lora import AdapterConfig, save_adapter
+    from service.model.lora import save_adapter
 
     base = load_base(model, n_slots=1, max_rank=rank)
     names = []
     for i in range(n):
-        config = AdapterConfig(r=rank, lora_alpha=2 * rank, base_model_fingerprint=base.fingerprint)
-        adapter = base.slots.new_adapter(config, seed=i)
-        with torch.no_grad():
-            for name, p in adapter.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.01)
+        config, adapter = random_adapter(base, rank, seed=i)
         save_adapter(store / f"bench-{i}" / "1", config, adapter)
         (store / f"bench-{i}" / "live").write_text("1\n")
         names.append(f"bench-{i}")
@@ -115,15 +126,13 @@ class Server:
 
 
 def run_load(url: str, clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int):
-    questions = ["Is this part defective? Where?", "What colour is the part?", "What part is this?"]
-
     def client(c: int) -> list[float]:
         latencies = []
         with httpx.Client(timeout=300) as http:
             for k in range(per_client):
                 i = c * per_client + k
                 adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
-                body = {"instruction": questions[i % len(questions)], "images": [images[i % len(images)]],
+                body = {"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
                         "max_new_tokens": max_new_tokens, "adapter": adapter}
                 t = time.perf_counter()
                 r = http.post(url + "/v1/answer", json=body)

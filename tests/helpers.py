@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import socket
@@ -17,6 +18,15 @@ import torch
 from PIL import Image
 
 from service.model.lora import AdapterConfig, save_adapter
+
+
+def load_bench_script(name: str):
+    """Import ``bench/<name>.py`` (the scripts are not a package) as a module."""
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def png(color=(200, 20, 20), size=(40, 40)) -> bytes:

@@ -3,22 +3,19 @@ that agree with the training loss."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "answer_tokens.py"
+from tests.helpers import load_bench_script
+
 DEMO_BASE = Path(__file__).resolve().parents[1] / "service" / "assets" / "demo-base"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("answer_tokens", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("answer_tokens")
 
 
 @pytest.mark.parametrize(

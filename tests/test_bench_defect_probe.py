@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from service.world import DEFECT_TYPES, GRID_CELLS
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "defect_probe.py"
+from tests.helpers import load_bench_script
 
 
 def _probe_module():
-    spec = importlib.util.spec_from_file_location("defect_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("defect_probe")
 
 
 def _cell(patch: int, grid: int) -> int:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+from tests.helpers import load_bench_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("serve_load")
 
 
 def test_percentile_is_nearest_rank():

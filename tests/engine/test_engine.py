@@ -33,6 +33,20 @@ def make_engine(tiny_base, tmp_path):
         engine.close()
 
 
+def hold_worker(engine) -> tuple[threading.Event, threading.Event]:
+    """Make the worker block inside each batch until ``gate`` is set; ``entered`` tells it has a batch."""
+    gate, entered = threading.Event(), threading.Event()
+    original = engine._execute
+
+    def held(batch):
+        entered.set()
+        gate.wait(30)
+        original(batch)
+
+    engine._execute = held
+    return gate, entered
+
+
 def jobs():
     return [
         AnswerJob("What colour?", [RED], None, 6),
@@ -118,15 +132,7 @@ def test_a_running_request_finishes_on_the_version_it_started_with(make_engine, 
 
 def test_full_queue_is_overloaded_and_bad_requests_fail_at_submit(make_engine, tiny_base, tmp_path):
     engine = make_engine(max_queue=1, max_batch_size=1)
-    gate, entered = threading.Event(), threading.Event()
-    original = engine._execute
-
-    def slow(batch):
-        entered.set()
-        gate.wait(30)
-        original(batch)
-
-    engine._execute = slow
+    gate, entered = hold_worker(engine)
     first = engine.submit(AnswerJob("hi", [], None, 2))
     assert entered.wait(30)  # the worker has taken `first` and is blocked
     engine.submit(AnswerJob("hi", [], None, 2))
@@ -159,15 +165,7 @@ def test_a_lone_request_does_not_wait_for_company_but_a_crowd_is_batched(make_en
         assert time.perf_counter() - started < 2.0  # far below the 3 s wait
         assert result["timing_ms"]["batch_size"] == 1 and result["timing_ms"]["queue"] < 1000
     # A crowd: rows that arrive while another runs form the next batch without any wait...
-    gate, entered = threading.Event(), threading.Event()
-    original = engine._execute
-
-    def held(batch):
-        entered.set()
-        gate.wait(30)
-        original(batch)
-
-    engine._execute = held
+    gate, entered = hold_worker(engine)
     blocker = engine.submit(AnswerJob("hi", [], None, 2))
     assert entered.wait(30)
     crowd = [engine.submit(AnswerJob("hi", [], None, 2)) for _ in range(4)]

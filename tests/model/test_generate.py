@@ -29,6 +29,17 @@ def load_random_adapters(base):
         base.slots.load(slot, adapter)
 
 
+def bias_eos(base, bias: float) -> None:
+    """Replace the LM head by a copy whose EOS logit is shifted by ``bias`` (+: always stop, -: never)."""
+    head = base.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[base.tokenizer.eos_token_id] = bias
+    base.model.lm_head = biased
+
+
 def images():
     return [
         Image.new("RGB", (40, 40), (200, 10, 10)),
@@ -87,14 +98,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_base):
 
 
 def test_generation_stops_at_eos(tiny_base):
-    eos = tiny_base.tokenizer.eos_token_id
-    head = tiny_base.model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[eos] = 1e4
-    tiny_base.model.lm_head = biased
+    bias_eos(tiny_base, 1e4)
     out = generate(tiny_base, [GenerationRequest("hi", [], max_new_tokens=10)])[0]
     assert out.finish_reason == "stop" and out.token_ids == [] and out.completion_tokens == 1
 
@@ -125,14 +129,7 @@ def test_image_features_are_computed_once_per_distinct_image(tiny_base):
 
 def test_finished_rows_leave_the_batch(tiny_base):
     """Decode steps after a row finishes run without it, and without the padding only it needed."""
-    eos = tiny_base.tokenizer.eos_token_id
-    head = tiny_base.model.lm_head
-    no_eos = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        no_eos.weight.copy_(head.weight)
-        no_eos.bias.zero_()
-        no_eos.bias[eos] = -1e4  # every row runs to its max_new_tokens
-    tiny_base.model.lm_head = no_eos
+    bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
     load_random_adapters(tiny_base)
     ims = images()
     requests = [
