@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import http.client
 import io
+import json
 import logging
 import os
 import platform
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -125,19 +128,45 @@ class Server:
             self.proc.kill()
 
 
+def request_bodies(clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int):
+    """The JSON body of every request, serialised up front: half on the base, half over the adapters."""
+    bodies = []
+    for c in range(clients):
+        mine = []
+        for k in range(per_client):
+            i = c * per_client + k
+            adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+            mine.append(json.dumps({"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
+                                    "max_new_tokens": max_new_tokens, "adapter": adapter}).encode())
+        bodies.append(mine)
+    return bodies
+
+
 def run_load(url: str, clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int):
+    """``clients`` threads, each sending its requests one after another on one keep-alive connection.
+
+    The load generator shares the machine's cores with the server, so it is kept lean: bodies are
+    serialised before the clock starts and sent with the standard library's ``http.client``
+    (``httpx`` costs about 4 ms of CPU per request here, as much as a third of the server's).
+    """
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    bodies = request_bodies(clients, per_client, adapters, images, max_new_tokens)
+    headers = {"Content-Type": "application/json"}
+
     def client(c: int) -> list[float]:
         latencies = []
-        with httpx.Client(timeout=300) as http:
-            for k in range(per_client):
-                i = c * per_client + k
-                adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
-                body = {"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
-                        "max_new_tokens": max_new_tokens, "adapter": adapter}
+        connection = http.client.HTTPConnection(host, port, timeout=300)
+        try:
+            for body in bodies[c]:
                 t = time.perf_counter()
-                r = http.post(url + "/v1/answer", json=body)
-                r.raise_for_status()
+                connection.request("POST", "/v1/answer", body=body, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"/v1/answer answered {response.status}: {payload[:200]!r}")
                 latencies.append(time.perf_counter() - t)
+        finally:
+            connection.close()
         return latencies
 
     started = time.perf_counter()

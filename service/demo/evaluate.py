@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from service.model.base import BaseModel, load_base
 from service.model.generate import GenerationRequest, ImageFeatureCache, answer_token_budget, generate
 from service.model.lora.weights import AdapterWeights
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--kind", choices=("general", "inspection"), default="general")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the dtype to run in (bfloat16: what a server started with --dtype bfloat16 answers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -217,14 +221,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.adapter is not None:
         adapter_config = json.loads((args.adapter / "adapter_config.json").read_text())
         n_slots, rank, targets = 2, int(adapter_config["r"]), list(adapter_config["target_modules"])
-    base = load_base(args.base, n_slots=n_slots, max_rank=rank, target_modules=targets)
+    dtype = getattr(torch, args.dtype)
+    base = load_base(args.base, n_slots=n_slots, max_rank=rank, target_modules=targets, dtype=dtype)
     if args.adapter is not None:
         from service.model.lora import load_adapter
 
-        _, weights = load_adapter(args.adapter, base.slots, base_fingerprint=base.fingerprint)
+        _, weights = load_adapter(args.adapter, base.slots, base_fingerprint=base.fingerprint, dtype=dtype)
         base.slots.load(1, weights)
         slot = 1
     result = evaluate(base, n=args.n, kind=args.kind, seed=args.seed, slot=slot, batch_size=args.batch_size)
+    result["dtype"] = str(base.dtype).removeprefix("torch.")  # what the model ran in, not what was asked
     result["latency_one_request"] = single_request_latency(base, slot=slot)
     print(json.dumps(result, indent=2))
     return result

@@ -58,6 +58,18 @@ def test_general_accuracy_holds_on_a_small_held_out_batch(demo_base, card):
     assert result["accuracy"] >= recorded - ACCURACY_MARGIN, result
 
 
+def test_evaluate_runs_the_base_in_bfloat16_with_the_same_accuracy(card, capsys):
+    """``evaluate --dtype bfloat16`` scores what a server started with ``--dtype bfloat16`` answers."""
+    from service.demo.evaluate import main
+
+    recorded = card["eval"]["general"]["accuracy"]
+    result = main(["--base", str(BASE_DIR), "--n", "40", "--batch-size", "40", "--dtype", "bfloat16",
+                   "--seed", str(card["eval"]["general"]["seed"])])
+    assert result["dtype"] == "bfloat16"
+    assert result["accuracy"] >= recorded - ACCURACY_MARGIN, result
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+
+
 def test_model_card_states_the_recorded_numbers(card):
     if not CARD_MD.is_file():
         pytest.skip("docs/model-card.md not written")

@@ -70,6 +70,26 @@ def test_mixed_batch_equals_each_row_alone(dtype):
         close(alone, want, dtype)
 
 
+def test_layers_with_different_slot_contents_share_one_forward():
+    """Two layers in one forward whose slots hold other kinds and ranks (an adapter that targets
+    only some modules): each adds its own rows' deltas."""
+    first, second = make_layer(), make_layer()
+    a = {1: make_weights("DUAL_LORA", 24, 20, 8, seed=1), 2: make_weights("LORA", 24, 20, 8, seed=2)}
+    b = {2: make_weights("DUAL_LORA", 24, 20, 5, seed=3), 3: make_weights("LORA", 24, 20, 8, seed=4)}
+    for slot, w in a.items():
+        first.load_slot(slot, w)
+    for slot, w in b.items():
+        second.load_slot(slot, w)
+    slots = [1, 2, 3, 0, 2, 1]
+    x = torch.randn(len(slots), 3, 24)
+    with adapter_batch(slots):
+        got = [first(x), second(x), first(x)]
+    for layer, adapters, out in ((first, a, got[0]), (second, b, got[1]), (first, a, got[2])):
+        for row, slot in enumerate(slots):
+            want = layer.base(x[row]) + (adapters[slot](x[row]) if slot in adapters else 0)
+            close(out[row], want, torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["LORA", "DUAL_LORA"])
 def test_zero_b_adapter_equals_base_exactly(kind):
     layer = make_layer(torch.float32)
