@@ -41,6 +41,8 @@ import copy
 import json
 import logging
 import math
+import os
+import platform
 import random
 import shutil
 import tempfile
@@ -269,6 +271,19 @@ def found_by_type(called: torch.Tensor, defect: torch.Tensor) -> dict[str, float
         if rows.any():
             found[f"found_{name}"] = called[rows].float().mean().item()
     return found
+
+
+def cpu_name() -> str:
+    """The CPU model the recipe ran on and its core count, for the model card: ``"Intel(R) Xeon(R) Processor, 2 cores"``."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def neutral_output_rows(base: BaseModel, answers: Iterable[str]) -> int:
@@ -813,6 +828,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "total": round(t3 - t0, 1),
             },
             "threads": torch.get_num_threads(),
+            "cpu": cpu_name(),
         },
         "artifact_bytes": dir_size(out),
     }

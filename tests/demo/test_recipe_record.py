@@ -176,3 +176,21 @@ def test_final_statistics_come_from_the_last_command_that_trained():
     )
     assert _final_statistics(trained).startswith("Final training statistics of the last command (smoothed)")
     assert _final_statistics({"vision_final": {}, "language_steps_run": 0}) == "No command trained anything."
+
+
+def test_model_card_names_the_machine_of_each_run_of_commands():
+    from service.demo.model_card import FIRST_MACHINE, _machines
+
+    older, newer = {}, {"cpu": "Intel Xeon, 2 cores"}
+    assert _machines([older, older]) == FIRST_MACHINE
+    assert _machines([older, older, newer]) == f"{FIRST_MACHINE} (commands 1-2) and Intel Xeon, 2 cores (command 3)"
+    assert _machines([newer, older]) == f"Intel Xeon, 2 cores (command 1) and {FIRST_MACHINE} (command 2)"
+
+
+def test_the_recipe_record_names_its_cpu():
+    import os
+
+    from service.demo.train_base import cpu_name
+
+    name = cpu_name()
+    assert name.endswith(f", {os.cpu_count()} cores") and len(name) > len(f", {os.cpu_count()} cores")
