@@ -23,7 +23,8 @@ def _serve(args: argparse.Namespace) -> None:
     if not Path(settings.model, "config.json").is_file():
         raise SystemExit(f"no model at {settings.model}: pass --model PATH to a local LLaVA directory")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                http=args.http, loop=args.loop)
 
 
 def _trainer(args: argparse.Namespace) -> None:
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--insecure", action="store_const", const=True, help="allow a public bind without API keys")
     serve.add_argument("--rate-limit-per-minute", dest="rate_limit_per_minute", type=int, help="per API key")
     serve.add_argument("--log-level", dest="log_level", default="info")
+    serve.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
+                       help="HTTP parser (auto: httptools, the C parser, when installed)")
+    serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                       help="event loop (auto: uvloop when installed)")
     serve.set_defaults(func=_serve)
 
     trainer = sub.add_parser("trainer", help="run a fine-tuning worker (use with SERVICE_REDIS_URL across machines)")
