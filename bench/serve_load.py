@@ -183,10 +183,12 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(server: Server, clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int) -> dict:
-    """One load run, with the CPU time the server and this load generator spent per request."""
+def measure(server: Server, clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int,
+            load=None) -> dict:
+    """One load run (``load``: a ``run_load``-like function, default ``run_load``), with the CPU time
+    the server and this load generator spent per request."""
     server_cpu, client_cpu = server.cpu_seconds(), own_cpu_seconds()
-    result = run_load(server.url, clients, per_client, adapters, images, max_new_tokens)
+    result = (load or run_load)(server.url, clients, per_client, adapters, images, max_new_tokens)
     n = len(result["latencies"])
     result["server_cpu_ms"] = (server.cpu_seconds() - server_cpu) * 1e3 / n
     result["client_cpu_ms"] = (own_cpu_seconds() - client_cpu) * 1e3 / n

@@ -38,7 +38,7 @@ from bench.serve_load import (  # noqa: E402
     QUESTIONS,
     Server,
     make_adapters,
-    own_cpu_seconds,
+    measure,
     percentile,
     run_load,
     world_images,
@@ -110,13 +110,9 @@ def main() -> None:
             for clients in args.clients:
                 for round_ in range(args.rounds):
                     for label, gen in pairs if round_ % 2 == 0 else reversed(pairs):
-                        server_cpu, client_cpu = servers[label].cpu_seconds(), own_cpu_seconds()
-                        result = LOAD_GENERATORS[gen](servers[label].url, clients, args.requests_per_client, adapters,
-                                                      images, args.max_new_tokens)
-                        n = len(result["latencies"])
-                        result["server_cpu_ms"] = (servers[label].cpu_seconds() - server_cpu) * 1e3 / n
-                        result["client_cpu_ms"] = (own_cpu_seconds() - client_cpu) * 1e3 / n
-                        runs.setdefault((clients, label, gen), []).append(result)
+                        runs.setdefault((clients, label, gen), []).append(measure(
+                            servers[label], clients, args.requests_per_client, adapters, images, args.max_new_tokens,
+                            LOAD_GENERATORS[gen]))
         finally:
             for server in servers.values():
                 server.close()
