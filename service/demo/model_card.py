@@ -209,8 +209,9 @@ def _final_statistics(training: dict[str, Any]) -> str:
         return "No command trained anything."
     i = trained[-1]
     which = "the last command" if i == len(runs) - 1 else f"the last command that trained (command {i + 1})"
-    return (f"Final training statistics of {which} (smoothed): vision stage {runs[i]['vision_final']}, "
-            f"language loss {runs[i]['language_final_loss']}.")
+    parts = [f"vision stage {runs[i]['vision_final']}"] if runs[i].get("vision_final") else ["no vision stage"]
+    parts.append(f"language loss {runs[i]['language_final_loss']}")
+    return f"Final training statistics of {which} (smoothed): {', '.join(parts)}."
 
 
 def _recipe_lines(recipe: dict[str, Any], training: dict[str, Any]) -> list[str]:

@@ -176,6 +176,11 @@ def test_final_statistics_come_from_the_last_command_that_trained():
     )
     assert _final_statistics(trained).startswith("Final training statistics of the last command (smoothed)")
     assert _final_statistics({"vision_final": {}, "language_steps_run": 0}) == "No command trained anything."
+    language_only = {"vision_final": {}, "language_final_loss": 0.928, "language_steps_run": 300}
+    assert _final_statistics({**reset_only, "previous": [trained, language_only]}) == (
+        "Final training statistics of the last command that trained (command 2) (smoothed): no vision stage, "
+        "language loss 0.928."
+    )
 
 
 def test_model_card_names_the_machine_of_each_run_of_commands():
