@@ -94,14 +94,15 @@ def world_images(n: int) -> list[str]:
 
 class Server:
     def __init__(self, model: Path, store: Path, data: Path, max_batch: int, max_wait_ms: float, dtype: str = "auto",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), tree: Path = ROOT):
+        """``tree``: the checkout whose ``service`` package runs (e.g. a worktree of an older commit)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--model", str(model), "--adapter-dir", str(store),
              "--data-dir", str(data), "--port", str(self.port), "--log-level", "warning", "--dtype", dtype, *extra_args],
             env={**os.environ, "SERVICE_MAX_BATCH_SIZE": str(max_batch), "SERVICE_MAX_WAIT_MS": str(max_wait_ms)},
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -187,8 +188,14 @@ def measure(server: Server, clients: int, per_client: int, adapters: list[str], 
             load=None) -> dict:
     """One load run (``load``: a ``run_load``-like function, default ``run_load``), with the CPU time
     the server and this load generator spent per request."""
+    return measured(server, lambda url: (load or run_load)(url, clients, per_client, adapters, images, max_new_tokens))
+
+
+def measured(server: Server, run) -> dict:
+    """``run(url)`` (returning a dict with ``latencies``), plus the CPU time per request of the server
+    and of this process (the load generator)."""
     server_cpu, client_cpu = server.cpu_seconds(), own_cpu_seconds()
-    result = (load or run_load)(server.url, clients, per_client, adapters, images, max_new_tokens)
+    result = run(server.url)
     n = len(result["latencies"])
     result["server_cpu_ms"] = (server.cpu_seconds() - server_cpu) * 1e3 / n
     result["client_cpu_ms"] = (own_cpu_seconds() - client_cpu) * 1e3 / n

@@ -12,7 +12,8 @@ and of the load generator (which shares the cores).
 
 A server is ``LABEL=ARGS``: ARGS go to ``python -m service serve`` (``--dtype``, ``--http h11``,
 ``--loop asyncio``, ``--max-batch-size 1``, ...); every server batches up to 16 rows with a 10 ms
-wait unless ARGS say otherwise.
+wait unless ARGS say otherwise. ``--tree LABEL=PATH`` runs that server from another checkout, e.g.
+an engine before a change (``git worktree add /tmp/before <commit>``).
 """
 
 from __future__ import annotations
@@ -77,10 +78,34 @@ def parse_server(text: str) -> tuple[str, list[str]]:
     return label, shlex.split(args)
 
 
+def server_labels(parser: argparse.ArgumentParser, servers: list[tuple[str, list[str]]],
+                  trees: list[tuple[str, Path]]) -> tuple[list[str], dict[str, Path]]:
+    """The servers' labels and ``{label: tree}``; exits with a usage error on a repeated label or a
+    ``--tree`` for no server."""
+    labels = [label for label, _ in servers]
+    by_label = dict(trees)
+    if len(set(labels)) != len(labels):
+        parser.error("server labels must differ")
+    if set(by_label) - set(labels):
+        parser.error(f"--tree for unknown server(s): {', '.join(sorted(set(by_label) - set(labels)))}")
+    return labels, by_label
+
+
+def parse_tree(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=PATH")
+    if not (Path(path) / "service" / "__main__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{path}: not a checkout of this project (no service/__main__.py)")
+    return label, Path(path).resolve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--server", type=parse_server, action="append", required=True, help="LABEL=ARGS (repeat)")
+    parser.add_argument("--tree", type=parse_tree, action="append", default=[],
+                        help="LABEL=PATH: run that server from another checkout (default: this one)")
     parser.add_argument("--load-generator", choices=sorted(LOAD_GENERATORS), action="append",
                         help="repeat to compare (default: http.client)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
@@ -91,9 +116,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     args = parser.parse_args()
     generators = args.load_generator or ["http.client"]
-    labels = [label for label, _ in args.server]
-    if len(set(labels)) != len(labels):
-        parser.error("server labels must differ")
+    labels, trees = server_labels(parser, args.server, args.tree)
     logging.basicConfig(level=logging.ERROR)
 
     runs: dict[tuple[int, str, str], list[dict]] = {}
@@ -104,7 +127,8 @@ def main() -> None:
         servers: dict[str, Server] = {}
         try:
             for i, (label, extra) in enumerate(args.server):
-                servers[label] = Server(args.model, store, Path(tmp) / f"data-{i}", 16, 10.0, "auto", tuple(extra))
+                servers[label] = Server(args.model, store, Path(tmp) / f"data-{i}", 16, 10.0, "auto", tuple(extra),
+                                        tree=trees.get(label, ROOT))
                 run_load(servers[label].url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
             pairs = [(label, gen) for label in labels for gen in generators]
             for clients in args.clients:
@@ -121,7 +145,7 @@ def main() -> None:
           f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, {args.rounds} rounds, "
           f"{platform.machine()} {os.cpu_count()} cores\n")
     for label, extra in args.server:
-        print(f"- {label}: python -m service serve {shlex.join(extra)}")
+        print(f"- {label}: python -m service serve {shlex.join(extra)}" + (f" (tree: {trees[label]})" if label in trees else ""))
     print("\n| clients | server | load generator | throughput req/s (median) | rounds | p50 ms | server CPU ms/req | "
           "load generator CPU ms/req |")
     print("|---:|---|---|---:|---|---:|---:|---:|")

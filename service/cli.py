@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--n-slots", dest="n_slots", type=int)
     serve.add_argument("--max-rank", dest="max_rank", type=int)
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per batch (1 = no batching)")
-    serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, help="how long a batch waits to fill")
+    serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float,
+                       help="with nothing running, how long the first request waits for company")
+    serve.add_argument("--join-ratio", dest="join_ratio", type=float,
+                       help="waiting requests join a running batch once there are this many per running row")
+    serve.add_argument("--max-join-steps", dest="max_join_steps", type=int,
+                       help="...or once the oldest has waited this many decode steps")
     serve.add_argument("--redis-url", dest="redis_url", help="queue fine-tunes on Redis for separate trainers")
     serve.add_argument("--no-embedded-trainer", dest="embedded_trainer", action="store_const", const=False,
                        help="do not train in the server process (run `python -m service trainer` instead)")

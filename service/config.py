@@ -34,8 +34,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="pixels per decoded image")
     max_new_tokens: int = Field(256, ge=1, le=4096, description="upper bound on a request's max_new_tokens")
     max_instruction_chars: int = Field(4000, ge=1)
-    max_batch_size: int = Field(16, ge=1, le=256, description="rows per generation batch")
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits to fill (only after a batch of more than one row)")
+    max_batch_size: int = Field(16, ge=1, le=256, description="rows decoding together")
+    max_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="with nothing running, how long the first request waits for company "
+        "(only after a batch of more than one row)"
+    )
+    join_ratio: float = Field(
+        1.0, ge=0, le=100, description="requests waiting join a running batch once there are this many per running row "
+        "(0: at the next step); gathered, they prefill as one larger group, cheaper per row"
+    )
+    max_join_steps: int = Field(
+        8, ge=0, le=10_000, description="...or once the oldest has waited this many decode steps (0: at the next step)"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests before answering 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's limit, queueing included")
     redis_url: str | None = Field(None, description="Redis queue for trainers on other machines (default: SQLite)")

@@ -9,7 +9,7 @@ LATENCY = Histogram(
     "service_request_latency_seconds", "HTTP request latency", ["route"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-BATCH_SIZE = Histogram("service_batch_size", "rows per generation batch", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64))
+BATCH_SIZE = Histogram("service_batch_size", "rows per decode step", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 64))
 QUEUE_DEPTH = Gauge("service_queue_depth", "requests waiting for a batch")
 ADAPTERS_LOADED = Gauge("service_adapters_loaded", "adapters resident in slots")
 ADAPTER_REQUESTS = Counter("service_adapter_requests_total", "answered rows per adapter", ["adapter"])

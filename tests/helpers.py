@@ -112,3 +112,24 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             p.wait()
         if hasattr(p, "log_path"):
             p.log_path.unlink(missing_ok=True)
+
+
+def poll(condition, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def bias_eos(base, bias: float) -> None:
+    """Replace the LM head by a copy whose EOS logit is shifted by ``bias`` (+: always stop, -: never)."""
+    head = base.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[base.tokenizer.eos_token_id] = bias
+    base.model.lm_head = biased

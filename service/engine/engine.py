@@ -1,14 +1,19 @@
-"""The inference engine: the loaded base, adapters in slots (LRU), and a dynamic-batching worker.
+"""The inference engine: the loaded base, adapters in slots (LRU), and a continuous-batching worker.
 
 Requests are validated and their adapter version resolved when submitted (so a request finishes
 on the version it started with even if ``live`` moves), then wait in a bounded queue. One worker
-thread takes the first waiting request, waits up to ``max_wait_ms`` for more (up to
-``max_batch_size``) if the previous batch had more than one row, loads any missing adapters into
-slots, and runs the whole batch — rows with different adapters, images and sampling settings —
-through one :func:`generate` call. Waiting only after a shared batch means a lone client never
-waits for rows that are not coming, while under load (where batches fill) the wait gathers them;
-a burst's first request runs at once and the rest form the next batch. In :func:`generate`, rows
-that finish leave the batch, so a short answer does not decode until the longest one ends.
+thread runs a :class:`~service.model.generate.RunningBatch` one decode step at a time
+(iteration-level scheduling, as in Orca and vLLM): before each step it admits the requests that
+arrived meanwhile (see below), up to ``max_batch_size`` rows, loads any missing adapters into slots,
+prefills them as a group and merges them into the running rows — different adapters, images and
+sampling settings alike. A row that finishes is answered at that step, so a short answer never
+waits for a long one, and a new request never waits for the whole batch to end.
+
+Newcomers join once they are ``join_ratio`` per running row, or once the oldest has waited
+``max_join_steps`` decode steps (:meth:`Engine._should_join` says why). When nothing is running,
+the worker takes the first waiting request and, if the previous batch had more than one row,
+waits up to ``max_wait_ms`` for company: a lone client never waits for rows that are not coming,
+while under load the wait gathers a full prefill group.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ from service.engine.jobs import AnswerJob
 from service.errors import InvalidInput, Overloaded, ServiceError
 from service.model.base import BaseModel, load_base
 from service.model.generate import (
-    BatchTiming,
     GenerationRequest,
+    GenerationResult,
     ImageFeatureCache,
     PromptTooLongError,
+    RunningBatch,
     check_request,
-    generate,
 )
 from service.model.lora import AdapterLoadError, load_adapter
 from service.registry.store import AdapterRef, AdapterStore
@@ -68,6 +73,8 @@ class PendingRow:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    arrived_step: int = 0  # the engine's decode-step count when it was submitted
+    started: float | None = None  # when its prefill began
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -117,8 +124,10 @@ class Engine:
         self.slots = SlotTable(settings.n_slots)
         self.cache = ImageFeatureCache()
         self._queue: queue.Queue[PendingRow] = queue.Queue(maxsize=settings.max_queue)
-        self._deferred: list[PendingRow] = []
+        self._deferred: list[PendingRow] = []  # rows that found no free slot, first in line
+        self._running: RunningBatch | None = None  # touched by the worker thread only
         self._last_batch_size = 1
+        self._steps = 0  # decode steps run so far
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
@@ -143,7 +152,7 @@ class Engine:
             check_request(self.base, GenerationRequest(job.instruction, job.images, max_new_tokens=job.max_new_tokens))
         except (PromptTooLongError, ValueError) as exc:
             raise InvalidInput(str(exc)) from exc
-        row = PendingRow(job, ref, "ans-" + uuid.uuid4().hex[:16], on_text)
+        row = PendingRow(job, ref, "ans-" + uuid.uuid4().hex[:16], on_text, arrived_step=self._steps)
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -165,6 +174,7 @@ class Engine:
 
     # -- the worker ------------------------------------------------------------------------
     def _next_batch(self) -> list[PendingRow]:
+        """With nothing running: the first waiting rows, after the wait for company (see module doc)."""
         batch, self._deferred = self._deferred[: self.settings.max_batch_size], self._deferred[self.settings.max_batch_size :]
         if not batch:
             try:
@@ -180,15 +190,67 @@ class Engine:
             except queue.Empty:
                 break
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
-        self._last_batch_size = len(batch)
         return batch
+
+    def _should_join(self) -> bool:
+        """Whether the rows waiting now should join the running batch at this step.
+
+        Prefilling newcomers stalls the running rows for a forward pass, and on a CPU a lone
+        request's prefill costs about 1.7 times as much per row as one in a group of 16
+        (docs/benchmarks.md). So, like TGI's ``waiting_served_ratio`` and ``max_waiting_tokens``,
+        they join once they are ``join_ratio`` per running row, or once the oldest of them has
+        waited ``max_join_steps`` decode steps, whichever comes first.
+        """
+        waiting = self._queue.qsize() + len(self._deferred)
+        if not waiting:
+            return False
+        if waiting >= self.settings.join_ratio * len(self._running):
+            return True
+        if self._deferred:
+            oldest = self._deferred[0]
+        else:
+            with self._queue.mutex:  # peek at the head without taking it
+                oldest = self._queue.queue[0] if self._queue.queue else None
+        return oldest is not None and self._steps - oldest.arrived_step >= self.settings.max_join_steps
+
+    def _waiting_rows(self, room: int) -> list[PendingRow]:
+        """While a batch runs: up to ``room`` rows that are waiting now, without blocking.
+
+        Rows deferred for want of a slot go first and, while any are left, the queue waits behind
+        them: otherwise newcomers on resident adapters could keep every slot pinned forever.
+        """
+        if self._deferred:
+            rows, self._deferred = self._deferred[:room], self._deferred[room:]
+            return rows
+        rows = []
+        while len(rows) < room:
+            try:
+                rows.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if rows:
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return rows
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._next_batch()
-            batch = [row for row in batch if not self._drop_if_cancelled(row)]
-            if batch:
-                self._execute(batch)
+            rows: list[PendingRow] = []
+            try:
+                if not self._running:
+                    rows = self._next_batch()
+                elif self._running.can_merge and self._should_join():
+                    # (a cache that cannot merge, e.g. a sliding window, makes newcomers wait for the batch to end)
+                    rows = self._waiting_rows(self.settings.max_batch_size - len(self._running))
+                rows = [row for row in rows if not self._drop_if_cancelled(row)]
+                if rows:
+                    self._admit(rows)
+                if self._running:
+                    self._step()
+            except Exception as exc:  # the worker must survive anything; fail only the rows in hand
+                log.exception("engine worker failed on %d new rows", len(rows))
+                for row in rows:
+                    if not row.future.done():
+                        row.future.set_exception(exc)
 
     def _drop_if_cancelled(self, row: PendingRow) -> bool:
         if row.cancelled.is_set():
@@ -197,11 +259,11 @@ class Engine:
             return True
         return False
 
-    def _assign_slots(self, batch: list[PendingRow]) -> list[tuple[PendingRow, int]]:
-        """Slots for the batch's adapters; rows whose adapter finds no free slot wait for the next batch."""
+    def _assign_slots(self, rows: list[PendingRow], pinned: set[int]) -> list[tuple[PendingRow, int]]:
+        """Slots for the rows' adapters; ``pinned``: slots the running rows use. A row whose adapter
+        finds no free slot waits (first in line) until running rows release one."""
         placed: list[tuple[PendingRow, int]] = []
-        pinned: set[int] = set()
-        for row in batch:
+        for row in rows:
             if row.ref is None:
                 placed.append((row, 0))
                 continue
@@ -224,10 +286,13 @@ class Engine:
             placed.append((row, slot))
         return placed
 
-    def _execute(self, batch: list[PendingRow]) -> None:
-        placed = self._assign_slots(batch)
+    def _admit(self, rows: list[PendingRow]) -> None:
+        """Prefill ``rows`` as one group and merge them into the running batch."""
+        pinned = {req.slot for req in self._running.requests if req.slot} if self._running else set()
+        placed = self._assign_slots(rows, pinned)
         if not placed:
             return
+        started = time.perf_counter()
         requests = [
             GenerationRequest(
                 row.job.instruction, row.job.images, slot=slot, max_new_tokens=row.job.max_new_tokens,
@@ -235,38 +300,60 @@ class Engine:
             )
             for row, slot in placed
         ]
-        metrics.BATCH_SIZE.observe(len(requests))
-        started = time.perf_counter()
-        timing = BatchTiming()
         try:
-            results = generate(self.base, requests, cache=self.cache, timing=timing)
-        except Exception as exc:  # one bad row must not fail the others: retry them one by one
+            group = RunningBatch.prefill(self.base, requests, cache=self.cache, keys=[row for row, _ in placed])
+        except Exception as exc:  # one bad row must not fail the others: admit them one by one
             if len(placed) > 1:
-                log.warning("batch of %d failed (%s); running its rows alone", len(placed), exc)
+                log.warning("prefill of %d rows failed (%s); admitting them one by one", len(placed), exc)
                 for row, _ in placed:
-                    self._execute([row])
+                    self._admit([row])
                 return
             log.exception("request %s failed", placed[0][0].request_id)
             placed[0][0].future.set_exception(exc)
             return
-        batch_ms = (time.perf_counter() - started) * 1e3
-        for (row, _), result in zip(placed, results, strict=True):
-            metrics.ADAPTER_REQUESTS.labels(row.ref.name if row.ref else "base").inc()
-            metrics.GENERATED_TOKENS.inc(result.completion_tokens)
-            row.future.set_result(
-                {
-                    "id": row.request_id,
-                    "answer": result.text,
-                    "adapter": None if row.ref is None else {"name": row.ref.name, "version": row.ref.version},
-                    "finish_reason": result.finish_reason,
-                    "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-                    "timing_ms": {
-                        "queue": round((started - row.submitted) * 1e3, 2),
-                        "batch": round(batch_ms, 2),
-                        "vision": round(timing.vision_ms, 2),
-                        "prefill": round(timing.prefill_ms, 2),
-                        "decode": round(timing.decode_ms, 2),
-                        "batch_size": len(placed),
-                    },
-                }
-            )
+        for row, _ in placed:
+            row.started = started
+        if self._running:
+            self._running.merge(group)
+        else:
+            self._running = group
+        self._last_batch_size = len(self._running)
+
+    def _step(self) -> None:
+        """One decode step of the running rows; answer the rows that finished."""
+        metrics.BATCH_SIZE.observe(len(self._running))
+        self._steps += 1
+        try:
+            finished = self._running.step()
+        except Exception as exc:
+            rows = [row.key for row in self._running.rows]
+            self._running = None
+            log.exception("decode step of %d rows failed", len(rows))
+            for row in rows:
+                if not row.future.done():
+                    row.future.set_exception(exc)
+            return
+        for row, result in finished:
+            self._answer(row, result)
+
+    def _answer(self, row: PendingRow, result: GenerationResult) -> None:
+        metrics.ADAPTER_REQUESTS.labels(row.ref.name if row.ref else "base").inc()
+        metrics.GENERATED_TOKENS.inc(result.completion_tokens)
+        timing = result.timing
+        row.future.set_result(
+            {
+                "id": row.request_id,
+                "answer": result.text,
+                "adapter": None if row.ref is None else {"name": row.ref.name, "version": row.ref.version},
+                "finish_reason": result.finish_reason,
+                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+                "timing_ms": {
+                    "queue": round((row.started - row.submitted) * 1e3, 2),
+                    "batch": round((time.perf_counter() - row.started) * 1e3, 2),
+                    "vision": round(timing.vision_ms, 2),
+                    "prefill": round(timing.prefill_ms, 2),
+                    "decode": round(timing.decode_ms, 2),
+                    "batch_size": timing.batch_size,
+                },
+            }
+        )

@@ -1,9 +1,11 @@
 """Batched generation: many requests, each with its own images, adapter slot and sampling settings.
 
 Left padding, a KV cache, greedy decoding by default, per-row temperature / top-p / seed, and a
-per-row stop at EOS; a row that stops leaves the batch, so the others decode without it. The
-vision tower + VCE run once per distinct image (optionally cached by a hash of the image);
-features are scattered into the image-token positions of the prompt embeddings.
+per-row stop at EOS; a row that stops leaves the batch, so the others decode without it, and
+new rows can join between decode steps (:class:`RunningBatch`, what the engine's continuous
+batching runs on; :func:`generate` is one batch from prefill to the last row). The vision
+tower + VCE run once per distinct image (optionally cached by a hash of the image); features
+are scattered into the image-token positions of the prompt embeddings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -44,12 +47,23 @@ class GenerationRequest:
 
 
 @dataclass
+class RowTiming:
+    """Where one row's time went: its prefill group's vision and prefill, its own decode steps."""
+
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    batch_size: int = 1  # the most rows it shared a forward pass with
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS), "length" or "cancelled"
+    timing: RowTiming = field(default_factory=RowTiming)
 
 
 @dataclass
@@ -232,6 +246,188 @@ def _keep_rows(
     return mask, positions, slots
 
 
+@dataclass
+class _Row:
+    """A request being decoded: what it has generated so far and how it will stop."""
+
+    key: Any  # the caller's handle for this row, returned with its result
+    request: GenerationRequest
+    prompt_tokens: int
+    generator: torch.Generator | None
+    timing: RowTiming
+    outputs: list[int] = field(default_factory=list)
+    streamed: str = ""
+    finish: str = "length"
+    done: bool = False
+
+    def result(self, base: BaseModel) -> GenerationResult:
+        if self.request.on_text is not None:
+            _emit(base, self.request, self.outputs, self.streamed, final=True)
+        return GenerationResult(
+            text=base.tokenizer.decode(self.outputs, skip_special_tokens=True).strip(),
+            token_ids=self.outputs,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.outputs) + (1 if self.finish == "stop" else 0),
+            finish_reason=self.finish,
+            timing=self.timing,
+        )
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class RunningBatch:
+    """Rows decoding together, one token per :meth:`step`; rows can join (:meth:`merge`) between steps.
+
+    This is iteration-level scheduling (Orca, vLLM's continuous batching) on a left-padded KV
+    cache: a row that finishes leaves at once, and requests that arrive meanwhile are prefilled
+    as a group and merged in, instead of waiting for the whole batch to end.
+
+    State, for the ``B`` rows still decoding: the KV cache ``[B, heads, T, head_dim]`` per layer,
+    ``mask [B, T]`` (0 on left padding), ``positions [B, 1]`` (each row's last position), ``slots
+    [B]`` and ``logits [B, V]``, the next-token logits not yet sampled.
+    """
+
+    def __init__(self, base: BaseModel, rows: list[_Row], cache: Cache, mask: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, logits: torch.Tensor, adapter: AdapterWeights | None):
+        self.base, self.rows, self.cache, self.mask = base, rows, cache, mask
+        self.positions, self.slots, self.logits, self.adapter = positions, slots, logits, adapter
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(
+        cls,
+        base: BaseModel,
+        requests: list[GenerationRequest],
+        cache: ImageFeatureCache | None = None,
+        adapter: AdapterWeights | None = None,
+        keys: list[Any] | None = None,
+    ) -> RunningBatch:
+        """Encode ``requests`` (images once each), run their prompts in one forward pass.
+
+        ``adapter`` applies one (e.g. still training) adapter to every row instead of the slots;
+        ``keys`` (default: the row's index) are what :meth:`step` returns with each result.
+        Raises :class:`PromptTooLongError` / ``ValueError`` for a request that cannot run.
+        """
+        t0 = time.perf_counter()
+        ids = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
+        for row, req in zip(ids, requests, strict=True):
+            _check_length(base, len(row), req.max_new_tokens)
+        all_images = [im for r in requests for im in r.images]
+        feats = image_features(base, all_images, cache) if all_images else []
+        per_row, k = [], 0
+        for r in requests:
+            per_row.append(feats[k : k + len(r.images)])
+            k += len(r.images)
+        t1 = time.perf_counter()
+        embeds, mask = embed_prompts(base, ids, per_row)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
+        out = _forward(base, slots, adapter, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       logits_to_keep=1)
+        t2 = time.perf_counter()
+        rows = []
+        for key, req, prompt in zip(keys if keys is not None else range(len(requests)), requests, ids, strict=True):
+            generator = None
+            if req.temperature > 0:
+                generator = torch.Generator()
+                generator.manual_seed(req.seed if req.seed is not None else torch.seed())
+            timing = RowTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0, len(requests))
+            rows.append(_Row(key, req, len(prompt), generator, timing, done=req.max_new_tokens <= 0))
+        return cls(base, rows, out.cache, mask, positions[:, -1:], slots, out.logits[:, -1], adapter)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether rows can join: only plain growing KV caches can be left-padded to a new width
+        (a sliding-window layer keeps its own position count)."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def merge(self, other: RunningBatch) -> None:
+        """Append ``other``'s rows (e.g. just prefilled); both caches are left-padded to one width."""
+        if other.adapter is not self.adapter:
+            raise ValueError("only batches on the same trainable adapter (or the slots) can merge")
+        if not (self.can_merge and other.can_merge):
+            raise ValueError("only plain growing KV caches can merge")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.slots = torch.cat([self.slots, other.slots])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+        for row in self.rows:
+            row.timing.batch_size = max(row.timing.batch_size, len(self.rows))
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Any, GenerationResult]]:
+        """Sample each row's next token, retire the rows that finished, and run one decode pass for
+        the rest. Returns the finished rows' keys and results."""
+        started = time.perf_counter()
+        live = [row for row in self.rows if not row.done]
+        live_index = [i for i, row in enumerate(self.rows) if not row.done]
+        tokens = torch.empty(0, dtype=torch.long, device=self.logits.device)
+        if live:
+            logits = self.logits
+            if len(live) < len(self.rows):
+                logits = logits[torch.tensor(live_index, device=logits.device)]
+            tokens = _next_tokens(logits, [row.request for row in live], [row.generator for row in live])
+        eos = self.base.tokenizer.eos_token_id
+        for row, tok in zip(live, tokens.tolist(), strict=True):
+            req = row.request
+            if req.is_cancelled is not None and req.is_cancelled():
+                row.done, row.finish = True, "cancelled"
+                continue
+            if tok == eos:
+                row.done, row.finish = True, "stop"
+                continue
+            row.outputs.append(tok)
+            if len(row.outputs) >= req.max_new_tokens:
+                row.done = True
+            if req.on_text is not None:
+                row.streamed = _emit(self.base, req, row.outputs, row.streamed)
+        finished = [row for row in self.rows if row.done]
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if finished:
+            # Rows that finished leave the batch, so the next steps cost only what the rows still
+            # generating need (answers of 1-12 tokens would otherwise all run to the longest).
+            self.rows = [self.rows[i] for i in keep]
+            if keep:
+                self.mask, self.positions, self.slots = _keep_rows(self.cache, keep, self.mask, self.positions, self.slots)
+                position = {i: j for j, i in enumerate(live_index)}  # every kept row was live
+                tokens = tokens[torch.tensor([position[i] for i in keep], device=tokens.device)]
+        if self.rows:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            self.positions = self.positions + 1
+            out = _forward(self.base, self.slots, self.adapter, input_ids=tokens.unsqueeze(1),
+                           attention_mask=self.mask, position_ids=self.positions, cache=self.cache)
+            self.logits = out.logits[:, -1]
+        elapsed = (time.perf_counter() - started) * 1e3
+        for row in (*finished, *self.rows):
+            row.timing.decode_ms += elapsed
+        return [(row.key, row.result(self.base)) for row in finished]
+
+
+def _forward(base: BaseModel, slots: torch.Tensor, adapter: AdapterWeights | None, **inputs):
+    with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(slots):
+        return base.model(use_cache=True, **inputs)
+
+
 @torch.no_grad()
 def generate(
     base: BaseModel,
@@ -246,90 +442,13 @@ def generate(
     """
     if not requests:
         return []
-    timing = timing or BatchTiming()
-    t0 = time.perf_counter()
-    rows = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
-    for row, req in zip(rows, requests, strict=True):
-        _check_length(base, len(row), req.max_new_tokens)
-    all_images = [im for r in requests for im in r.images]
-    feats = image_features(base, all_images, cache) if all_images else []
-    per_row, k = [], 0
-    for r in requests:
-        per_row.append(feats[k : k + len(r.images)])
-        k += len(r.images)
-    t1 = time.perf_counter()
-    timing.vision_ms += (t1 - t0) * 1e3
-
-    embeds, mask = embed_prompts(base, rows, per_row)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
-    generators = []
-    for r in requests:
-        gen = None
-        if r.temperature > 0:
-            gen = torch.Generator()
-            gen.manual_seed(r.seed if r.seed is not None else torch.seed())
-        generators.append(gen)
-
-    eos = base.tokenizer.eos_token_id
-    batch = len(requests)
-    budget = [r.max_new_tokens for r in requests]
-    outputs: list[list[int]] = [[] for _ in requests]
-    done = [r.max_new_tokens <= 0 for r in requests]
-    finish = ["length"] * batch
-    streamed = [""] * batch
-
-    def forward(row_slots: torch.Tensor, **inputs):
-        with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(row_slots):
-            return base.model(use_cache=True, **inputs)
-
-    out = forward(slots, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-    t2 = time.perf_counter()
-    timing.prefill_ms += (t2 - t1) * 1e3
-    logits = out.logits[:, -1]
-    active = [i for i in range(batch) if not done[i]]  # request index of each row of the KV cache
-    if active and len(active) < batch:
-        logits = logits[torch.tensor(active, device=logits.device)]
-        mask, positions, slots = _keep_rows(out.cache, active, mask, positions, slots)
-    while active:
-        tokens = _next_tokens(logits, [requests[i] for i in active], [generators[i] for i in active])
-        for i, tok in zip(active, tokens.tolist(), strict=True):
-            req = requests[i]
-            if req.is_cancelled is not None and req.is_cancelled():
-                done[i], finish[i] = True, "cancelled"
-                continue
-            if tok == eos:
-                done[i], finish[i] = True, "stop"
-                continue
-            outputs[i].append(tok)
-            if len(outputs[i]) >= budget[i]:
-                done[i] = True
-            if req.on_text is not None:
-                streamed[i] = _emit(base, req, outputs[i], streamed[i])
-        keep = [j for j, i in enumerate(active) if not done[i]]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            # Rows that finished leave the batch, so the remaining steps cost only what the rows
-            # still generating need (answers of 1-12 tokens would otherwise all run to the longest).
-            active = [active[j] for j in keep]
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
-            mask, positions, slots = _keep_rows(out.cache, keep, mask, positions, slots)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = forward(slots, input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions, cache=out.cache)
-        logits = out.logits[:, -1]
-    timing.decode_ms += (time.perf_counter() - t2) * 1e3
-    for req, ids, sent in zip(requests, outputs, streamed, strict=True):
-        if req.on_text is not None:
-            _emit(base, req, ids, sent, final=True)
-    return [
-        GenerationResult(
-            text=base.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            token_ids=ids,
-            prompt_tokens=len(row),
-            completion_tokens=len(ids) + (1 if f == "stop" else 0),
-            finish_reason=f,
-        )
-        for ids, row, f in zip(outputs, rows, finish, strict=True)
-    ]
+    batch = RunningBatch.prefill(base, requests, cache=cache, adapter=adapter)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    while batch:
+        for index, result in batch.step():
+            results[index] = result
+    if timing is not None:  # the rows share their prefill; the last to finish saw every decode step
+        timing.vision_ms += results[0].timing.vision_ms
+        timing.prefill_ms += results[0].timing.prefill_ms
+        timing.decode_ms += max(r.timing.decode_ms for r in results)
+    return results

@@ -38,6 +38,9 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(32, 4, 2, 32, 8, 64, 2, 4, 2, 128, max_positions=256, vocab_size=320),
     # Adapter-overhead benchmark: an LLM of realistic width (8 layers, d=1024, 16 heads).
     "bench": Preset(64, 4, 4, 64, 16, 1024, 8, 16, 16, 2816, max_positions=2048, vocab_size=1024),
+    # Serving benchmarks that need every answer to run to max_new_tokens: the demo base's sizes
+    # (96 px, 8 px patches: 144 image tokens; 4 Llama layers, d=256) with random weights.
+    "demo-shape": Preset(192, 5, 6, 96, 8, 256, 4, 4, 4, 704, max_positions=256, vocab_size=384),
 }
 
 _DEFAULT_CORPUS = [

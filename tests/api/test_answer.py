@@ -143,14 +143,14 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_base_dir, tmp_path):
                         max_queue=1, max_batch_size=1, embedded_trainer=False)
     with TestClient(create_app(settings, load_in_background=False)) as client:
         engine = client.app.state.engine
-        gate, entered, original = threading.Event(), threading.Event(), engine._execute
+        gate, entered, original = threading.Event(), threading.Event(), engine._admit
 
         def held(batch):
             entered.set()
             gate.wait(30)
             original(batch)
 
-        engine._execute = held
+        engine._admit = held
         body = {"instruction": "hi", "max_new_tokens": 2}
         results = []
 

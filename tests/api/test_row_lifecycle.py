@@ -15,6 +15,7 @@ from service.api.app import create_app
 from service.config import Settings
 from service.engine.engine import Engine
 from service.engine.jobs import AnswerJob
+from tests.helpers import poll as wait_until
 
 
 class HeldEngine(Engine):
@@ -30,24 +31,15 @@ class HeldEngine(Engine):
         self.rows.append(row)
         return row
 
-    def _execute(self, batch):
+    def _admit(self, rows):
         self.entered.set()
         self.gate.wait(30)
-        super()._execute(batch)
+        super()._admit(rows)
 
     def hold(self) -> None:
         """Occupy the worker with a request of its own, so the next ones wait in the queue."""
         super().submit(AnswerJob("hi", [], None, 2))
         assert self.entered.wait(30)
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""The engine: dynamic batching equals one-by-one, slot LRU, hot swap, back-pressure, cancel."""
+"""The engine: dynamic and continuous batching equal one-by-one, slot LRU, hot swap, back-pressure, cancel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from service.config import Settings
 from service.engine.engine import Engine, SlotTable
 from service.engine.jobs import AnswerJob
 from service.errors import InvalidInput, NotFound, Overloaded
-from tests.helpers import publish_random_adapter
+from tests.helpers import bias_eos, poll, publish_random_adapter
 
 RED = Image.new("RGB", (40, 40), (200, 20, 20))
 GREEN = Image.new("RGB", (40, 40), (20, 200, 20))
@@ -36,14 +36,14 @@ def make_engine(tiny_base, tmp_path):
 def hold_worker(engine) -> tuple[threading.Event, threading.Event]:
     """Make the worker block inside each batch until ``gate`` is set; ``entered`` tells it has a batch."""
     gate, entered = threading.Event(), threading.Event()
-    original = engine._execute
+    original = engine._admit
 
     def held(batch):
         entered.set()
         gate.wait(30)
         original(batch)
 
-    engine._execute = held
+    engine._admit = held
     return gate, entered
 
 
@@ -164,17 +164,103 @@ def test_a_lone_request_does_not_wait_for_company_but_a_crowd_is_batched(make_en
         result = engine.answer(AnswerJob("hi", [], None, 2))
         assert time.perf_counter() - started < 2.0  # far below the 3 s wait
         assert result["timing_ms"]["batch_size"] == 1 and result["timing_ms"]["queue"] < 1000
-    # A crowd: rows that arrive while another runs form the next batch without any wait...
+    # A crowd: rows that arrive while another runs join it at its next step, without any wait...
     gate, entered = hold_worker(engine)
     blocker = engine.submit(AnswerJob("hi", [], None, 2))
     assert entered.wait(30)
     crowd = [engine.submit(AnswerJob("hi", [], None, 2)) for _ in range(4)]
     gate.set()
-    assert blocker.future.result(timeout=60)["timing_ms"]["batch_size"] == 1
-    assert [r.future.result(timeout=60)["timing_ms"]["batch_size"] for r in crowd] == [4] * 4
+    assert blocker.future.result(timeout=60)["timing_ms"]["batch_size"] == 5
+    assert [r.future.result(timeout=60)["timing_ms"]["batch_size"] for r in crowd] == [5] * 4
+    assert all(r.future.result()["timing_ms"]["queue"] < 1000 for r in crowd)
     # ...and once batches have company, the worker waits for rows arriving one by one.
     second = []
     for _ in range(4):
         second.append(engine.submit(AnswerJob("hi", [], None, 2)))
         time.sleep(0.05)  # arriving one by one, well inside the wait
     assert [r.future.result(timeout=60)["timing_ms"]["batch_size"] for r in second] == [4] * 4
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> bool:
+    return poll(condition, timeout_s, interval_s=0.002)  # decode steps of the tiny base take ~1 ms
+
+
+def test_a_short_request_joins_a_long_one_and_is_answered_first(make_engine, tiny_base, tmp_path):
+    """Continuous batching: a request arriving while a long answer decodes joins it at the next
+    step and is answered as soon as it finishes, with the answers each would get alone."""
+    bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
+    publish_random_adapter(tiny_base, tmp_path / "adapters", "a", 1, seed=1)
+    engine = make_engine(max_batch_size=8, max_wait_ms=0)
+    long_job = AnswerJob("Describe the part", [RED], None, 120)
+    short_job = AnswerJob("What colour?", [GREEN], "a", 3)
+    alone = {"long": engine.answer(long_job), "short": engine.answer(short_job)}
+    tokens: list[str] = []
+    long_row = engine.submit(long_job, on_text=tokens.append)
+    assert wait_until(lambda: len(tokens) >= 5)  # the long answer is decoding
+    short = engine.submit(short_job).future.result(timeout=60)
+    assert not long_row.future.done()  # answered while the long one still decodes
+    long = long_row.future.result(timeout=60)
+    assert short["answer"] == alone["short"]["answer"] and long["answer"] == alone["long"]["answer"]
+    assert short["usage"]["completion_tokens"] == 3 and long["usage"]["completion_tokens"] == 120
+    assert short["timing_ms"]["batch_size"] == long["timing_ms"]["batch_size"] == 2
+    assert short["timing_ms"]["batch"] < long["timing_ms"]["batch"]
+
+
+def test_a_row_waiting_for_a_slot_is_not_overtaken_by_later_requests(make_engine, tiny_base, tmp_path):
+    """With every slot pinned by running rows, a row on another adapter waits until one is
+    released; while it waits, later requests stay queued behind it (no starvation), even those
+    whose adapter is resident."""
+    bias_eos(tiny_base, -1e4)
+    store = tmp_path / "adapters"
+    for seed, name in enumerate("ab", start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed)
+    engine = make_engine(n_slots=1, max_batch_size=8, max_wait_ms=0)
+    want = {n: engine.answer(AnswerJob("What colour?", [RED], n, 4))["answer"] for n in "ab"}
+    finished: list[str] = []
+    tokens: list[str] = []
+    running = engine.submit(AnswerJob("Describe", [RED], "a", 60), on_text=tokens.append)
+    running.future.add_done_callback(lambda _: finished.append("running a"))
+    assert wait_until(lambda: len(tokens) >= 3)
+    needs_slot = engine.submit(AnswerJob("What colour?", [RED], "b", 4))
+    needs_slot.future.add_done_callback(lambda _: finished.append("b"))
+    assert wait_until(lambda: engine._deferred)  # slot 1 holds `a`, pinned by the running row
+    later = engine.submit(AnswerJob("What colour?", [RED], "a", 4))  # `a` is resident, but it waits
+    later.future.add_done_callback(lambda _: finished.append("later a"))
+    assert later.future.result(timeout=60)["answer"] == want["a"]
+    assert needs_slot.future.result(timeout=60)["answer"] == want["b"]
+    assert running.future.result(timeout=60)["usage"]["completion_tokens"] == 60
+    assert finished == ["running a", "b", "later a"]
+
+
+def test_newcomers_wait_to_be_join_ratio_per_running_row(make_engine, tiny_base):
+    """Gathering: one newcomer per two running rows waits; a second one makes them join together."""
+    bias_eos(tiny_base, -1e4)
+    engine = make_engine(max_batch_size=16, max_wait_ms=0, join_ratio=1.0, max_join_steps=10_000)
+    tokens: list[str] = []
+    longs = [engine.submit(AnswerJob("Describe", [RED], None, 150), on_text=tokens.append if i == 0 else None)
+             for i in range(2)]
+    assert wait_until(lambda: engine._running is not None and len(engine._running) == 2 and len(tokens) >= 3)
+    first = engine.submit(AnswerJob("What colour?", [GREEN], None, 4))
+    steps = engine._steps
+    assert wait_until(lambda: engine._steps >= steps + 20)
+    assert engine._queue.qsize() == 1 and not first.future.done()  # 1 waiting < 1.0 x 2 running
+    second = engine.submit(AnswerJob("What colour?", [RED], None, 4))
+    results = [r.future.result(timeout=60) for r in (first, second)]
+    assert not any(r.future.done() for r in longs)  # joined the running longs, answered before them
+    assert [r["timing_ms"]["batch_size"] for r in results] == [4, 4]
+    assert results[0]["timing_ms"]["queue"] > results[1]["timing_ms"]["queue"]
+
+
+def test_a_newcomer_joins_after_max_join_steps_even_alone(make_engine, tiny_base):
+    bias_eos(tiny_base, -1e4)
+    engine = make_engine(max_batch_size=16, max_wait_ms=0, join_ratio=100.0, max_join_steps=5)
+    tokens: list[str] = []
+    long = engine.submit(AnswerJob("Describe", [RED], None, 150), on_text=tokens.append)
+    assert wait_until(lambda: len(tokens) >= 3)
+    done_at: list[int] = []
+    newcomer = engine.submit(AnswerJob("What colour?", [GREEN], None, 4))
+    submitted_at = newcomer.arrived_step
+    newcomer.future.add_done_callback(lambda _: done_at.append(engine._steps))
+    result = newcomer.future.result(timeout=60)
+    assert not long.future.done() and result["timing_ms"]["batch_size"] == 2
+    assert done_at[0] - submitted_at >= 5 + 4  # waited 5 steps, then decoded its 4 tokens

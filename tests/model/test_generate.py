@@ -10,11 +10,13 @@ from service.model.generate import (
     GenerationRequest,
     ImageFeatureCache,
     PromptTooLongError,
+    RunningBatch,
     embed_prompts,
     encode_prompt,
     generate,
 )
 from service.model.lora import AdapterConfig, adapter_batch
+from tests.helpers import bias_eos
 
 
 def load_random_adapters(base):
@@ -27,17 +29,6 @@ def load_random_adapters(base):
                 if "lora_B" in name:
                     p.normal_(std=0.5, generator=torch.Generator().manual_seed(seed))
         base.slots.load(slot, adapter)
-
-
-def bias_eos(base, bias: float) -> None:
-    """Replace the LM head by a copy whose EOS logit is shifted by ``bias`` (+: always stop, -: never)."""
-    head = base.model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[base.tokenizer.eos_token_id] = bias
-    base.model.lm_head = biased
 
 
 def images():
@@ -152,3 +143,40 @@ def test_finished_rows_leave_the_batch(tiny_base):
     # Prefill: all three rows, padded to the image row. Step 1: rows 0 and 2. Steps 2-4: row 2
     # alone, its mask no wider than its own prompt and answer so far.
     assert masks == [(3, image_row), (2, image_row + 1)] + [(1, text_row + k) for k in range(2, 5)]
+
+
+@pytest.mark.parametrize("first_wide", [True, False], ids=["joiners-narrower", "joiners-wider"])
+def test_rows_that_join_a_running_batch_equal_each_request_alone(tiny_base, first_wide):
+    """Continuous batching: rows prefilled later and merged between decode steps (the caches
+    left-padded to one width, whichever side is narrower) decode exactly as they would alone."""
+    bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
+    load_random_adapters(tiny_base)
+    ims = images()
+    wide = [GenerationRequest("What colour is the part?", [ims[0], ims[1]], slot=1, max_new_tokens=6),
+            GenerationRequest("Describe", [], slot=0, max_new_tokens=3)]
+    narrow = [GenerationRequest("Describe it", [], slot=3, max_new_tokens=4),
+              GenerationRequest("Where?", [], slot=2, max_new_tokens=5, temperature=0.9, seed=5)]
+    first, joiners = (wide, narrow) if first_wide else (narrow, wide)
+    batch = RunningBatch.prefill(tiny_base, first, keys=["f0", "f1"])
+    got = dict(batch.step())
+    assert not got and len(batch) == 2
+    batch.merge(RunningBatch.prefill(tiny_base, joiners, keys=["j0", "j1"]))
+    assert len(batch) == 4
+    while batch:
+        got.update(batch.step())
+    assert set(got) == {"f0", "f1", "j0", "j1"}
+    for key, req in zip(["f0", "f1", "j0", "j1"], first + joiners, strict=True):
+        alone = generate(tiny_base, [req])[0]
+        assert got[key].token_ids == alone.token_ids and len(alone.token_ids) == req.max_new_tokens
+        assert got[key].timing.batch_size == 4
+
+
+def test_finished_rows_are_returned_at_the_step_they_finish(tiny_base):
+    bias_eos(tiny_base, -1e4)
+    batch = RunningBatch.prefill(tiny_base, [GenerationRequest("a", [], max_new_tokens=1),
+                                             GenerationRequest("b", [], max_new_tokens=3)])
+    assert [key for key, _ in batch.step()] == [0]
+    assert len(batch) == 1 and batch.step() == []
+    (key, result), = batch.step()
+    assert key == 1 and len(result.token_ids) == 3 and not batch
+    assert result.timing.decode_ms > 0 and result.timing.prefill_ms > 0

@@ -1,0 +1,137 @@
+"""Join policies of the engine in-process: the load test's mix without HTTP, side by side.
+
+``bench/serve_load.py`` measures the whole server; this drives :class:`~service.engine.engine.Engine`
+directly, so that a difference between scheduling policies can be told apart from the HTTP
+layer's share of the cores. ``--clients`` threads each call ``Engine.answer`` one request after
+another (a world close-up and an inspection/colour/part question, half on the base and half on
+random adapters, as in the load test), against one engine per policy, each on its own copy of
+the base. Every round visits every policy, the order reversing every other round; reported are
+the median throughput and the mean rows a request shared a forward pass with.
+
+A policy is ``LABEL=JOIN_RATIO,MAX_JOIN_STEPS`` (``Settings.join_ratio`` and
+``Settings.max_join_steps``); ``100,10000`` makes newcomers wait for the running batch to end,
+as the engine did before continuous batching.
+
+    python bench/engine_policies.py --policy "default=1,8" --policy "at-once=0,0" --policy "one-batch=100,10000"
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serve_load import QUESTIONS, make_adapters, world_images  # noqa: E402
+from service.config import DEFAULT_MODEL_DIR, Settings  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.jobs import AnswerJob  # noqa: E402
+
+
+def parse_policy(text: str) -> tuple[str, dict]:
+    label, sep, values = text.partition("=")
+    try:
+        ratio, steps = values.split(",")
+        policy = {"join_ratio": float(ratio), "max_join_steps": int(steps)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=JOIN_RATIO,MAX_JOIN_STEPS, e.g. 'default=1,8'") from None
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=JOIN_RATIO,MAX_JOIN_STEPS")
+    return label, policy
+
+
+def client_jobs(client: int, n: int, adapters: list[str], images: list[Image.Image], max_new_tokens: int) -> list[AnswerJob]:
+    jobs = []
+    for k in range(n):
+        i = client * n + k
+        adapter = None if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+        jobs.append(AnswerJob(QUESTIONS[i % len(QUESTIONS)], [images[i % len(images)]], adapter, max_new_tokens))
+    return jobs
+
+
+def closed_loop(engine: Engine, jobs: list[list[AnswerJob]]) -> dict:
+    """Each list of ``jobs`` on its own thread, one request after another."""
+    shared: list[int] = []
+
+    def client(mine: list[AnswerJob]) -> None:
+        for job in mine:
+            shared.append(engine.answer(job)["timing_ms"]["batch_size"])
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in jobs]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"rps": len(shared) / (time.perf_counter() - started), "batch_size": statistics.mean(shared)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", type=parse_policy, action="append", required=True,
+                        help="LABEL=JOIN_RATIO,MAX_JOIN_STEPS (repeat)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args(argv)
+    labels = [label for label, _ in args.policy]
+    if len(set(labels)) != len(labels):
+        parser.error("policy labels must differ")
+    logging.basicConfig(level=logging.ERROR)
+
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(args.model, Path(tmp) / "adapters", args.adapters, args.rank)
+        images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in world_images(32)]
+        jobs = [client_jobs(c, args.requests_per_client, adapters, images, args.max_new_tokens) for c in range(args.clients)]
+        engines = {
+            label: Engine(Settings(model=args.model, adapter_dir=Path(tmp) / "adapters", data_dir=Path(tmp) / label,
+                                   dtype=args.dtype, **policy))
+            for label, policy in args.policy
+        }
+        try:
+            for engine in engines.values():  # warm-up; loads the adapters into slots
+                closed_loop(engine, [client_jobs(c, 2, adapters, images, 2) for c in range(4)])
+            for round_ in range(args.rounds):
+                for label in labels if round_ % 2 == 0 else reversed(labels):
+                    runs[label].append(closed_loop(engines[label], jobs))
+        finally:
+            for engine in engines.values():
+                engine.close()
+
+    print(f"# engine policies: {args.model.name}, {args.clients} client threads x {args.requests_per_client} requests, "
+          f"{args.adapters} adapters (rank {args.rank}) + base, max_new_tokens {args.max_new_tokens}, {args.dtype}, "
+          f"{args.rounds} rounds, no HTTP, {platform.machine()} {os.cpu_count()} cores\n")
+    print("| policy | join ratio | max join steps | req/s (median) | rounds | rows shared per request (mean) |")
+    print("|---|---:|---:|---:|---|---:|")
+    summary = {}
+    for label, policy in args.policy:
+        rs = runs[label]
+        summary[label] = {"rps": statistics.median(r["rps"] for r in rs),
+                          "batch_size": statistics.mean(r["batch_size"] for r in rs)}
+        per_round = ", ".join(f"{r['rps']:.1f}" for r in rs)
+        print(f"| {label} | {policy['join_ratio']:g} | {policy['max_join_steps']} | {summary[label]['rps']:.2f} | "
+              f"{per_round} | {summary[label]['batch_size']:.1f} |")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
