@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from service.model.attention import attention_for
 from service.model.lora.config import DEFAULT_TARGETS
 from service.model.lora.layers import SlotLinear
 from service.model.lora.slots import AdapterSlots, inject_adapter_slots
@@ -234,6 +235,9 @@ def load_base(
         raise BaseModelError(f"cannot load a LLaVA model from {path}: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
+    attention = attention_for(device, dtype)
+    if attention is not None:
+        model.set_attn_implementation(attention)
 
     vce_file, vce_weights = path / VCE_CONFIG_FILE, path / VCE_WEIGHTS_FILE
     if vce_file.is_file():

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from service.model.base import BaseModel
+from service.model.kv_cache import ReservedCache, drop_leading_columns, is_growing, left_pad, stack_rows
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
 
@@ -239,10 +240,9 @@ def _keep_rows(
     # Left padding that no remaining row needs (e.g. a text-only row outliving the image rows).
     # Only plain growing layers are cut: a sliding-window layer keeps its own position count.
     lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
-    if lead and all(type(layer) is DynamicLayer for layer in cache.layers):
+    if lead and all(is_growing(layer) for layer in cache.layers):
         mask = mask[:, lead:]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+        drop_leading_columns(cache, lead)
     return mask, positions, slots
 
 
@@ -271,16 +271,6 @@ class _Row:
             finish_reason=self.finish,
             timing=self.timing,
         )
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Zero-pad ``t`` on the left of ``dim`` to ``width``."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class RunningBatch:
@@ -331,7 +321,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
         out = _forward(base, slots, adapter, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       logits_to_keep=1)
+                       logits_to_keep=1, cache=ReservedCache(base.model.config))
         t2 = time.perf_counter()
         rows = []
         for key, req, prompt in zip(keys if keys is not None else range(len(requests)), requests, ids, strict=True):
@@ -354,7 +344,7 @@ class RunningBatch:
     def can_merge(self) -> bool:
         """Whether rows can join: only plain growing KV caches can be left-padded to a new width
         (a sliding-window layer keeps its own position count)."""
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return all(is_growing(layer) for layer in self.cache.layers)
 
     def merge(self, other: RunningBatch) -> None:
         """Append ``other``'s rows (e.g. just prefilled); both caches are left-padded to one width."""
@@ -363,10 +353,8 @@ class RunningBatch:
         if not (self.can_merge and other.can_merge):
             raise ValueError("only plain growing KV caches can merge")
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        stack_rows(self.cache, other.cache, width)
+        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(other.mask, width, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.slots = torch.cat([self.slots, other.slots])
         self.logits = torch.cat([self.logits, other.logits])

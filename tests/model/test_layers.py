@@ -49,12 +49,19 @@ def test_one_adapter_matches_reference(kind, dtype, rank):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_mixed_batch_equals_each_row_alone(dtype):
+@pytest.mark.parametrize(
+    "ranks",
+    [(8, 4, 6), (5, 3, 2), (4, 4, 4)],
+    ids=["one-at-max-rank", "all-below-max-rank", "equal-ranks-below-max"],
+)
+def test_mixed_batch_equals_each_row_alone(dtype, ranks):
+    """Rows on different slots; the kernels read only the rank entries in use (the largest rank
+    among their rows), with LayerNorm masked to each adapter's own rank where ranks differ."""
     layer = make_layer(dtype)
     adapters = {
-        1: make_weights("DUAL_LORA", 24, 20, 8, seed=1, dtype=dtype),
-        2: make_weights("DUAL_LORA", 24, 20, 4, seed=2, dtype=dtype),
-        3: make_weights("LORA", 24, 20, 6, seed=3, dtype=dtype),
+        1: make_weights("DUAL_LORA", 24, 20, ranks[0], seed=1, dtype=dtype),
+        2: make_weights("DUAL_LORA", 24, 20, ranks[1], seed=2, dtype=dtype),
+        3: make_weights("LORA", 24, 20, ranks[2], seed=3, dtype=dtype),
     }
     for slot, w in adapters.items():
         layer.load_slot(slot, w)

@@ -23,20 +23,36 @@ KIND_NONE, KIND_LORA, KIND_DUAL = 0, 1, 2
 KIND_OF = {LoRAWeights.kind: KIND_LORA, DualLoRAWeights.kind: KIND_DUAL}
 
 
+def _dual_rows(layer: SlotLinear, width: int) -> torch.Tensor | slice:
+    """Rows of ``lora_AT`` a Dual-LoRA kernel of rank width ``width`` reads: ``A[:width]`` and ``T[:width]``."""
+    if width == layer.max_rank:
+        return slice(None)
+    rows = layer._dual_rows.get(width)
+    if rows is None:
+        rank = layer.max_rank
+        rows = torch.cat([torch.arange(width), torch.arange(rank, rank + width)]).to(layer.lora_AT.device)
+        layer._dual_rows[width] = rows
+    return rows
+
+
 class LoRAKernel:
     """Batched ``s · B A x`` for rows whose slots hold plain LoRA adapters."""
 
     kind = KIND_LORA
 
     @staticmethod
-    def delta(layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, full_rank: bool) -> torch.Tensor:
-        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]`` (padding is zero: no masking)."""
-        rank = layer.max_rank
+    def delta(layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, width: int,
+              full: bool) -> torch.Tensor:
+        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``.
+
+        Only the first ``width`` rank entries are read (the largest rank among the rows): the slot
+        banks are zero-padded to ``max_rank``, so the rest would add zeros.
+        """
         if same is not None:
-            hidden = F.linear(x, layer.lora_AT[same, :rank])
-            return F.linear(hidden, layer.lora_B[same]) * layer.scale[same]
-        hidden = torch.bmm(x, layer.lora_AT[slots, :rank].transpose(1, 2))
-        out = torch.bmm(hidden, layer.lora_B[slots].transpose(1, 2))
+            hidden = F.linear(x, layer.lora_AT[same, :width])
+            return F.linear(hidden, layer.lora_B[same, :, :width]) * layer.scale[same]
+        hidden = torch.bmm(x, layer.lora_AT[slots, :width].transpose(1, 2))
+        out = torch.bmm(hidden, layer.lora_B[slots, :, :width].transpose(1, 2))
         return out * layer.scale[slots].view(-1, 1, 1)
 
 
@@ -46,20 +62,22 @@ class DualLoRAKernel:
     kind = KIND_DUAL
 
     @staticmethod
-    def _gate(layer: SlotLinear, hidden: torch.Tensor, slots: torch.Tensor | int, full_rank: bool) -> torch.Tensor:
-        """``hidden``: ``[..., 2R]`` = [A x | T x] → ``ReLU(T x) ⊙ LN(A x)``: ``[..., R]``."""
-        rank = layer.max_rank
-        skill, task = hidden[..., :rank], hidden[..., rank:]
-        weight, bias = layer.ln_weight[slots], layer.ln_bias[slots]
+    def _gate(layer: SlotLinear, hidden: torch.Tensor, slots: torch.Tensor | int, width: int, full: bool) -> torch.Tensor:
+        """``hidden``: ``[..., 2w]`` = [A x | T x] → ``ReLU(T x) ⊙ LN(A x)``: ``[..., w]``.
+
+        ``full``: every row's rank is ``width``, so LayerNorm runs over all ``w`` entries.
+        """
+        skill, task = hidden[..., :width], hidden[..., width:]
+        weight, bias = layer.ln_weight[slots, :width], layer.ln_bias[slots, :width]
         if isinstance(slots, torch.Tensor):
             weight, bias = weight.unsqueeze(1), bias.unsqueeze(1)
-        if full_rank:
-            normed = F.layer_norm(skill, (rank,), eps=LN_EPS)
+        if full:
+            normed = F.layer_norm(skill, (width,), eps=LN_EPS)
         else:
             # LayerNorm over each adapter's own r entries; the zero padding stays out of the stats.
             ranks = layer.rank[slots]
             r = ranks.to(skill.dtype)
-            mask = torch.arange(rank, device=skill.device) < ranks.unsqueeze(-1)
+            mask = torch.arange(width, device=skill.device) < ranks.unsqueeze(-1)
             if isinstance(slots, torch.Tensor):
                 r, mask = r.view(-1, 1, 1), mask.unsqueeze(1)
             mask = mask.to(skill.dtype)
@@ -69,14 +87,17 @@ class DualLoRAKernel:
         return F.relu(task) * (normed * weight + bias)
 
     @classmethod
-    def delta(cls, layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, full_rank: bool) -> torch.Tensor:
-        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``."""
+    def delta(cls, layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, width: int,
+              full: bool) -> torch.Tensor:
+        """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``; rank entries as in LoRA."""
+        rows = _dual_rows(layer, width)
         if same is not None:
-            gated = cls._gate(layer, F.linear(x, layer.lora_AT[same]), same, full_rank)
-            return F.linear(gated, layer.lora_B[same]) * layer.scale[same]
-        hidden = torch.bmm(x, layer.lora_AT[slots].transpose(1, 2))
-        gated = cls._gate(layer, hidden, slots, full_rank)
-        out = torch.bmm(gated, layer.lora_B[slots].transpose(1, 2))
+            gated = cls._gate(layer, F.linear(x, layer.lora_AT[same, rows]), same, width, full)
+            return F.linear(gated, layer.lora_B[same, :, :width]) * layer.scale[same]
+        at = layer.lora_AT[slots] if isinstance(rows, slice) else layer.lora_AT[slots.unsqueeze(1), rows]
+        hidden = torch.bmm(x, at.transpose(1, 2))
+        gated = cls._gate(layer, hidden, slots, width, full)
+        out = torch.bmm(gated, layer.lora_B[slots, :, :width].transpose(1, 2))
         return out * layer.scale[slots].view(-1, 1, 1)
 
 
@@ -109,6 +130,7 @@ class SlotLinear(nn.Module):
         # Host-side copies of ``kind`` and ``rank``: the forward never syncs with the device.
         self._kinds = [KIND_NONE] * slots
         self._ranks = [0] * slots
+        self._dual_rows: dict[int, torch.Tensor] = {}  # per rank width: the A and T rows it reads
 
     @property
     def in_features(self) -> int:
@@ -172,6 +194,7 @@ class SlotLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         # Keep the host-side kind list in sync when buffers are moved or cast.
         out = super()._apply(fn, recurse)
+        self._dual_rows = {}
         self._kinds = [int(k) for k in self.kind.tolist()]
         self._ranks = [int(r) for r in self.rank.tolist()]
         return out
@@ -197,8 +220,8 @@ class SlotLinear(nn.Module):
         if same is not None:
             kernel = KERNELS[self._kinds[same] - 1] if self._kinds[same] else None
             if kernel is not None:
-                full = self._ranks[same] == self.max_rank
-                y = y + kernel.delta(self, x, batch.slot_ids, same, full).to(y.dtype)
+                width = self._ranks[same]
+                y = y + kernel.delta(self, x, batch.slot_ids, same, width, True).to(y.dtype)
         else:
             y = self._mixed(x, y, batch.slot_ids, batch.ids)
         return y.squeeze(1) if squeeze else y
@@ -214,12 +237,14 @@ class SlotLinear(nn.Module):
             if kernel.kind not in present:
                 continue
             mine = [i for i, k in enumerate(kinds) if k == kernel.kind]
-            full = all(self._ranks[ids[i]] == self.max_rank for i in mine)
+            ranks = {self._ranks[ids[i]] for i in mine}
+            width = max(ranks)  # the rank entries any of these rows uses
+            full = len(ranks) == 1
             if len(mine) == len(ids):
-                y = y + kernel.delta(self, x, slots, None, full).to(y.dtype)
+                y = y + kernel.delta(self, x, slots, None, width, full).to(y.dtype)
                 continue
             rows = torch.tensor(mine, device=x.device)
-            delta = kernel.delta(self, x.index_select(0, rows), slots.index_select(0, rows), None, full)
+            delta = kernel.delta(self, x.index_select(0, rows), slots.index_select(0, rows), None, width, full)
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 

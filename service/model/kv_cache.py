@@ -1,0 +1,153 @@
+"""A KV cache that decodes without copying itself every step.
+
+transformers' ``DynamicLayer`` appends each new key/value with ``torch.cat``, so every decode step
+copies the whole cache into freshly allocated memory. For 16 rows of ~170 positions that copy was
+the largest single cost of a float32 decode step on a 2-core CPU (37 % of its operator time,
+ahead of the matmuls). :class:`ReservedLayer` keeps its keys/values in a buffer with room for
+``reserve`` more positions and writes new tokens in place; it copies only when the room runs out
+(once every ``reserve`` steps).
+
+Rows leaving (:meth:`ReservedLayer.batch_select_indices`), leading padding columns dropped
+(:meth:`ReservedLayer.drop_leading`) and rows joining (:func:`stack_rows`) keep room: a row
+selection copies the buffer once, a column drop is a view, a join writes both groups into one
+new buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+DEFAULT_RESERVE = 32
+"""Positions of room a layer keeps ahead of its length (a copy every this many decode steps)."""
+
+
+class ReservedLayer(DynamicLayer):
+    """A growing KV-cache layer over ``[B, kv_heads, capacity, head_dim]`` buffers.
+
+    ``keys`` / ``values`` read as the filled columns ``[B, kv_heads, length, head_dim]`` (views of
+    the buffers); assigning either (as a merge of two caches does) replaces that buffer, without
+    room. Each keeps its own span, so they can be assigned in any order.
+    """
+
+    def __init__(self, reserve: int = DEFAULT_RESERVE, **kwargs):
+        self.reserve = reserve
+        self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._spans: dict[str, tuple[int, int]] = {"keys": (0, 0), "values": (0, 0)}
+        super().__init__(**kwargs)
+
+    def _filled(self, name: str) -> torch.Tensor | None:
+        buffer = self._buffers[name]
+        start, end = self._spans[name]
+        return None if buffer is None else buffer[..., start:end, :]
+
+    def _replace(self, name: str, tensor: torch.Tensor | None) -> None:
+        self._buffers[name] = tensor
+        self._spans[name] = (0, 0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2])
+
+    keys = property(lambda self: self._filled("keys"), lambda self, t: self._replace("keys", t))
+    values = property(lambda self: self._filled("values"), lambda self, t: self._replace("values", t))
+
+    # --- what makes it cheap ---------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key_states`` / ``value_states [B, kv_heads, n, head_dim]`` after the filled columns."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for name, new in (("keys", key_states), ("values", value_states)):
+            buffer, (start, end) = self._buffers[name], self._spans[name]
+            n = new.shape[-2]
+            if end == start or end + n > buffer.shape[-2] or buffer.shape[0] != new.shape[0]:
+                filled = self._filled(name) if end > start else None
+                buffer = self._allocate(new, filled, n)
+                start, end = 0, 0 if filled is None else filled.shape[-2]
+            buffer[..., end : end + n, :] = new
+            self._buffers[name], self._spans[name] = buffer, (start, end + n)
+        return self.keys, self.values
+
+    def _allocate(self, new: torch.Tensor, filled: torch.Tensor | None, n: int) -> torch.Tensor:
+        """A buffer holding ``filled`` (or nothing) with room for ``n`` + ``reserve`` more columns."""
+        batch, heads, _, dim = new.shape
+        keep = 0 if filled is None else filled.shape[-2]
+        buffer = new.new_empty(batch, heads, keep + n + self.reserve, dim)
+        if filled is not None:
+            buffer[..., :keep, :] = filled
+        return buffer
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``, and the room."""
+        if self.get_seq_length() > 0:
+            for name, buffer in self._buffers.items():
+                self._buffers[name] = buffer[indices]
+
+    def drop_leading(self, n: int) -> None:
+        """Forget the first ``n`` filled columns (padding no row needs any more); a view, no copy."""
+        for name, (start, end) in self._spans.items():
+            self._spans[name] = (min(start + n, end), end)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        for name, (start, end) in self._spans.items():
+            self._spans[name] = (start, max(start, end + tokens_to_remove))
+
+    def stack(self, other: DynamicLayer | ReservedLayer, width: int) -> None:
+        """Append ``other``'s rows below this layer's, both right-aligned to ``width`` positions
+        (zeros on the left: the mask hides them), into one new buffer with room to decode."""
+        for name in ("keys", "values"):
+            mine, theirs = self._filled(name), getattr(other, name)
+            batch, heads, _, dim = mine.shape
+            buffer = mine.new_zeros(batch + theirs.shape[0], heads, width + self.reserve, dim)
+            buffer[:batch, :, width - mine.shape[2] : width] = mine
+            buffer[batch:, :, width - theirs.shape[2] : width] = theirs
+            self._buffers[name], self._spans[name] = buffer, (0, width)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values = self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0)
+
+
+class ReservedCache(DynamicCache):
+    """``DynamicCache(config=...)`` whose plain full-attention layers are :class:`ReservedLayer` s
+    (sliding-window or other layer kinds stay as transformers builds them)."""
+
+    def __init__(self, config: PreTrainedConfig, reserve: int = DEFAULT_RESERVE):
+        super().__init__(config=config)
+        self.layers = [ReservedLayer(reserve=reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+def is_growing(layer: object) -> bool:
+    """Whether ``layer`` is a plain growing KV layer, whose columns are positions that can be padded,
+    dropped or concatenated (not a sliding window, which keeps its own position count)."""
+    return type(layer) in (DynamicLayer, ReservedLayer)
+
+
+def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def stack_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
+    """Append ``other``'s rows to ``cache``, layer by layer, both left-padded to ``width`` positions
+    (every layer :func:`is_growing`)."""
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        if isinstance(mine, ReservedLayer):
+            mine.stack(theirs, width)
+        else:
+            mine.keys = torch.cat([left_pad(mine.keys, width, -2), left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([left_pad(mine.values, width, -2), left_pad(theirs.values, width, -2)])
+
+
+def drop_leading_columns(cache: DynamicCache, n: int) -> None:
+    """Drop the first ``n`` positions of every layer of ``cache`` (all of them :func:`is_growing`)."""
+    for layer in cache.layers:
+        if isinstance(layer, ReservedLayer):
+            layer.drop_leading(n)
+        else:
+            layer.keys, layer.values = layer.keys[..., n:, :], layer.values[..., n:, :]

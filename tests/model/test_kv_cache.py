@@ -1,0 +1,110 @@
+"""ReservedLayer against transformers' DynamicLayer: the same operations give the same keys and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from service.model.kv_cache import ReservedCache, ReservedLayer, drop_leading_columns, is_growing, stack_rows
+
+
+def kv(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, length, 4, generator=g), torch.randn(batch, 2, length, 4, generator=g)
+
+
+def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([t.new_zeros(*t.shape[:2], width - t.shape[2], t.shape[3]), t], dim=2)
+
+
+def merge(layer, other, how: str) -> None:
+    """Rows joining: ``stack_rows`` (what RunningBatch.merge runs), or the two tensors assigned
+    in either order (as transformers' own code may do)."""
+    width = max(layer.keys.shape[2], other.keys.shape[2])
+    if how == "stack":
+        stack_rows(Cache(layers=[layer]), Cache(layers=[other]), width)
+        return
+    keys = torch.cat([left_pad(layer.keys, width), left_pad(other.keys, width)])
+    values = torch.cat([left_pad(layer.values, width), left_pad(other.values, width)])
+    if how == "values first":
+        layer.values, layer.keys = values, keys
+    else:
+        layer.keys, layer.values = keys, values
+
+
+# Each program is a list of operations applied to a DynamicLayer and a ReservedLayer alike.
+PROGRAMS = {
+    "decode past the room": [("prefill", 3, 7)] + [("step",)] * 9,
+    "rows leave then decode": [("prefill", 4, 6), ("step",), ("select", [0, 2]), ("step",), ("step",)],
+    "leading columns dropped": [("prefill", 3, 6), ("step",), ("drop", 2), ("step",), ("select", [1]), ("step",)],
+    "wider rows join": [("prefill", 2, 3), ("step",), ("merge", 2, 9, "stack"), ("step",), ("step",)],
+    "narrower rows join": [("prefill", 2, 9), ("step",), ("merge", 3, 2, "stack"), ("step",), ("select", [4, 0]),
+                           ("step",)],
+    "rows join, keys assigned first": [("prefill", 2, 3), ("step",), ("merge", 2, 9, "keys first"), ("step",)],
+    "rows join, values assigned first": [("prefill", 2, 9), ("merge", 1, 4, "values first"), ("step",)],
+    "crop": [("prefill", 2, 5), ("step",), ("step",), ("crop", -2), ("step",)],
+}
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS), ids=list(PROGRAMS))
+def test_reserved_layer_matches_dynamic_layer(program):
+    plain, reserved = DynamicLayer(), ReservedLayer(reserve=4)
+    seed = 0
+    for op in PROGRAMS[program]:
+        seed += 1
+        if op[0] == "prefill":
+            keys, values = kv(op[1], op[2], seed)
+            got = [layer.update(keys, values) for layer in (plain, reserved)]
+        elif op[0] == "step":
+            keys, values = kv(plain.keys.shape[0], 1, seed)
+            got = [layer.update(keys, values) for layer in (plain, reserved)]
+            assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        elif op[0] == "select":
+            for layer in (plain, reserved):
+                layer.batch_select_indices(torch.tensor(op[1]))
+        elif op[0] == "drop":
+            plain.keys, plain.values = plain.keys[..., op[1] :, :], plain.values[..., op[1] :, :]
+            reserved.drop_leading(op[1])
+        elif op[0] == "merge":
+            keys, values = kv(op[1], op[2], seed)
+            for layer in (plain, reserved):
+                other = type(layer)()
+                other.update(keys, values)
+                merge(layer, other, how=op[3])
+        elif op[0] == "crop":
+            for layer in (plain, reserved):
+                layer.crop(op[1])
+        assert torch.equal(plain.keys, reserved.keys), op
+        assert torch.equal(plain.values, reserved.values), op
+        assert reserved.get_seq_length() == plain.get_seq_length()
+
+
+def test_decoding_writes_in_place_until_the_room_runs_out():
+    """The point of the layer: a decode step does not copy the cache, except once per ``reserve`` steps."""
+    layer = ReservedLayer(reserve=4)
+    layer.update(*kv(2, 5, 0))
+    buffers = []
+    for step in range(10):
+        layer.update(*kv(2, 1, step + 1))
+        buffers.append(layer._buffers["keys"].data_ptr())
+    # The prefill left room for 4; each copy makes room for 4 more after the new token.
+    changed = [step + 1 for step in range(1, 10) if buffers[step] != buffers[step - 1]]
+    assert changed == [5, 10]
+
+
+def test_cache_replaces_only_plain_layers(tiny_base):
+    cache = ReservedCache(tiny_base.model.config)
+    assert cache.layers and all(type(layer) is ReservedLayer for layer in cache.layers)
+    assert is_growing(ReservedLayer()) and is_growing(DynamicLayer())
+    assert not is_growing(DynamicSlidingWindowLayer(sliding_window=8))
+
+
+def test_drop_leading_columns_on_either_kind_of_layer():
+    keys, values = kv(2, 6, 0)
+    cache = Cache(layers=[DynamicLayer(), ReservedLayer()])
+    for layer in cache.layers:
+        layer.update(keys, values)
+    drop_leading_columns(cache, 2)
+    for layer in cache.layers:
+        assert torch.equal(layer.keys, keys[..., 2:, :]) and torch.equal(layer.values, values[..., 2:, :])
