@@ -1,12 +1,12 @@
 """Which attention kernel a base runs, and one of our own for half-precision weights on a CPU.
 
-PyTorch's CPU flash-attention kernel is slow in bfloat16/float16 where the model is cheap:
-measured on a 2-core AMX Xeon (torch 2.13), one decode step of 16 rows (one query over ~170 cached
-keys, 4 heads of 64) took 858 us in bfloat16 against 108 us in float32, and a 16-row prefill of
-158 tokens 7.2 ms against 6.8 ms. So on a CPU a half-precision base runs attention in float32:
-the query, keys and values are upcast, SDPA runs, and the output is cast back
-(``bench/attention_kernels.py`` measures it). Weights, KV cache and every linear stay in the
-half dtype, which is where AMX pays.
+PyTorch's CPU flash-attention kernel is slower in bfloat16 than in float32 at the demo base's
+shapes: on a quiet 2-core AMX Xeon (torch 2.13), one decode step of 16 rows (one query over
+~170 cached keys, 4 heads of 64) took 451 us in bfloat16 against 279 us computed in float32,
+and a 16-row prefill took the same in both (``bench/attention_kernels.py``). So on a CPU a
+half-precision base runs attention in float32: the query, keys and values are upcast, SDPA runs,
+and the output is cast back. Weights, KV cache and every linear stay in the half dtype, which is
+where AMX pays.
 """
 
 from __future__ import annotations

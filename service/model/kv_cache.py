@@ -1,9 +1,9 @@
 """A KV cache that decodes without copying itself every step.
 
 transformers' ``DynamicLayer`` appends each new key/value with ``torch.cat``, so every decode step
-copies the whole cache into freshly allocated memory. For 16 rows of ~170 positions that copy was
-the largest single cost of a float32 decode step on a 2-core CPU (37 % of its operator time,
-ahead of the matmuls). :class:`ReservedLayer` keeps its keys/values in a buffer with room for
+copies the whole cache into freshly allocated memory. For 16 rows of ~170 positions, in a
+profile of a float32 decode step on a busy 2-core CPU, that copy was 37 % of the operator time,
+ahead of the matmuls. :class:`ReservedLayer` keeps its keys/values in a buffer with room for
 ``reserve`` more positions and writes new tokens in place; it copies only when the room runs out
 (once every ``reserve`` steps).
 
