@@ -58,7 +58,7 @@ class ReservedLayer(DynamicLayer):
         for name, new in (("keys", key_states), ("values", value_states)):
             buffer, (start, end) = self._buffers[name], self._spans[name]
             n = new.shape[-2]
-            if end == start or end + n > buffer.shape[-2] or buffer.shape[0] != new.shape[0]:
+            if end == start or end + n > buffer.shape[-2]:
                 filled = self._filled(name) if end > start else None
                 buffer = self._allocate(new, filled, n)
                 start, end = 0, 0 if filled is None else filled.shape[-2]
@@ -86,12 +86,6 @@ class ReservedLayer(DynamicLayer):
         for name, (start, end) in self._spans.items():
             self._spans[name] = (min(start + n, end), end)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        for name, (start, end) in self._spans.items():
-            self._spans[name] = (start, max(start, end + tokens_to_remove))
-
     def stack(self, other: DynamicLayer | ReservedLayer, width: int) -> None:
         """Append ``other``'s rows below this layer's, both right-aligned to ``width`` positions
         (zeros on the left: the mask hides them), into one new buffer with room to decode."""
@@ -102,10 +96,6 @@ class ReservedLayer(DynamicLayer):
             buffer[:batch, :, width - mine.shape[2] : width] = mine
             buffer[batch:, :, width - theirs.shape[2] : width] = theirs
             self._buffers[name], self._spans[name] = buffer, (0, width)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0)
 
 
 class ReservedCache(DynamicCache):
