@@ -35,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_load import QUESTIONS, make_adapters, world_images  # noqa: E402
+from bench.serve_load import QUESTIONS, make_adapters, request_number, world_images  # noqa: E402
 from service.config import DEFAULT_MODEL_DIR, Settings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.jobs import AnswerJob  # noqa: E402
@@ -53,10 +53,12 @@ def parse_policy(text: str) -> tuple[str, dict]:
     return label, policy
 
 
-def client_jobs(client: int, n: int, adapters: list[str], images: list[Image.Image], max_new_tokens: int) -> list[AnswerJob]:
+def client_jobs(client: int, clients: int, n: int, adapters: list[str], images: list[Image.Image],
+                max_new_tokens: int) -> list[AnswerJob]:
+    """Client ``client``'s ``n`` jobs, numbered as the load test's (``request_number``)."""
     jobs = []
     for k in range(n):
-        i = client * n + k
+        i = request_number(client, k, clients)
         adapter = None if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
         jobs.append(AnswerJob(QUESTIONS[i % len(QUESTIONS)], [images[i % len(images)]], adapter, max_new_tokens))
     return jobs
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, Path(tmp) / "adapters", args.adapters, args.rank)
         images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in world_images(32)]
-        jobs = [client_jobs(c, args.requests_per_client, adapters, images, args.max_new_tokens) for c in range(args.clients)]
+        jobs = [client_jobs(c, args.clients, args.requests_per_client, adapters, images, args.max_new_tokens) for c in range(args.clients)]
         engines = {
             label: Engine(Settings(model=args.model, adapter_dir=Path(tmp) / "adapters", data_dir=Path(tmp) / label,
                                    dtype=args.dtype, **policy))
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         try:
             for engine in engines.values():  # warm-up; loads the adapters into slots
-                closed_loop(engine, [client_jobs(c, 2, adapters, images, 2) for c in range(4)])
+                closed_loop(engine, [client_jobs(c, 4, 2, adapters, images, 2) for c in range(4)])
             for round_ in range(args.rounds):
                 for label in labels if round_ % 2 == 0 else reversed(labels):
                     runs[label].append(closed_loop(engines[label], jobs))

@@ -130,13 +130,25 @@ class Server:
             self.proc.kill()
 
 
+def request_number(client: int, k: int, clients: int) -> int:
+    """Which request of the load the ``k``-th one of ``client`` is (see :func:`request_bodies`)."""
+    return k * clients + client
+
+
 def request_bodies(clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int):
-    """The JSON body of every request, serialised up front: half on the base, half over the adapters."""
+    """The JSON body of every request, serialised up front: half on the base, half over the adapters.
+
+    Request ``k`` of client ``c`` is number ``k * clients + c``, so the requests in flight at any
+    moment (the clients' ``k``-th ones) are themselves the mix: half on the base, the other half
+    spread over the adapters, each with its own image while the pool lasts. (Numbering each
+    client's requests one after another put all 16 clients on the same adapter, with only 2
+    distinct images, at every step: batches that were never mixed.)
+    """
     bodies = []
     for c in range(clients):
         mine = []
         for k in range(per_client):
-            i = c * per_client + k
+            i = request_number(c, k, clients)
             adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
             mine.append(json.dumps({"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
                                     "max_new_tokens": max_new_tokens, "adapter": adapter}).encode())

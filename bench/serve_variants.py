@@ -41,6 +41,7 @@ from bench.serve_load import (  # noqa: E402
     make_adapters,
     measure,
     percentile,
+    request_number,
     run_load,
     world_images,
 )
@@ -53,7 +54,7 @@ def run_load_httpx(url: str, clients: int, per_client: int, adapters: list[str],
         latencies = []
         with httpx.Client(timeout=300) as http:
             for k in range(per_client):
-                i = c * per_client + k
+                i = request_number(c, k, clients)
                 adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
                 body = {"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
                         "max_new_tokens": max_new_tokens, "adapter": adapter}

@@ -34,3 +34,19 @@ def test_serve_load_measures_both_servers_in_rounds(monkeypatch, capsys):
         assert float(server_cpu) > 0 and float(client_cpu) > 0
     ratio = re.search(r"2 clients: dynamic batching / batch size 1 throughput = ([\d.]+)x \(rounds: ([\d., ]+)\)", out)
     assert ratio and len(ratio.group(2).split(", ")) == 2
+
+
+def test_requests_in_flight_together_mix_base_adapters_and_images():
+    """The k-th request of every client is in flight at once: that set must itself be the mix."""
+    import json
+
+    bodies = _module().request_bodies(16, 4, ["a0", "a1", "a2", "a3"], [f"img{i}" for i in range(32)], 8)
+    assert [len(b) for b in bodies] == [4] * 16
+    for k in range(4):
+        step = [json.loads(bodies[c][k]) for c in range(16)]
+        adapters = [r["adapter"] for r in step]
+        assert adapters.count("base") == 8
+        assert sorted(set(adapters) - {"base"}) == ["a0", "a1", "a2", "a3"]
+        assert len({r["images"][0] for r in step}) == 16
+    everything = [json.loads(b) for mine in bodies for b in mine]
+    assert sum(r["adapter"] == "base" for r in everything) == len(everything) // 2
