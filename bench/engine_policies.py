@@ -35,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_load import QUESTIONS, make_adapters, request_number, world_images  # noqa: E402
+from bench.serve_load import QUESTIONS, make_adapters, request_adapter, request_number, world_images  # noqa: E402
 from service.config import DEFAULT_MODEL_DIR, Settings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.jobs import AnswerJob  # noqa: E402
@@ -59,7 +59,7 @@ def client_jobs(client: int, clients: int, n: int, adapters: list[str], images: 
     jobs = []
     for k in range(n):
         i = request_number(client, k, clients)
-        adapter = None if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+        adapter = request_adapter(i, adapters, base=None)
         jobs.append(AnswerJob(QUESTIONS[i % len(QUESTIONS)], [images[i % len(images)]], adapter, max_new_tokens))
     return jobs
 

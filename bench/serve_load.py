@@ -135,6 +135,12 @@ def request_number(client: int, k: int, clients: int) -> int:
     return k * clients + client
 
 
+def request_adapter(i: int, adapters: list[str], base: str | None = "base") -> str | None:
+    """The adapter of request number ``i``: every other one on the base (``base``), the rest in turn
+    over ``adapters``."""
+    return base if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+
+
 def request_bodies(clients: int, per_client: int, adapters: list[str], images: list[str], max_new_tokens: int):
     """The JSON body of every request, serialised up front: half on the base, half over the adapters.
 
@@ -149,7 +155,7 @@ def request_bodies(clients: int, per_client: int, adapters: list[str], images: l
         mine = []
         for k in range(per_client):
             i = request_number(c, k, clients)
-            adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+            adapter = request_adapter(i, adapters)
             mine.append(json.dumps({"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
                                     "max_new_tokens": max_new_tokens, "adapter": adapter}).encode())
         bodies.append(mine)

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_load import Server, make_adapters, measured, percentile, request_number, world_images  # noqa: E402
+from bench.serve_load import Server, make_adapters, measured, percentile, request_adapter, request_number, world_images  # noqa: E402
 from bench.serve_variants import parse_server, parse_tree, server_labels  # noqa: E402
 
 SHORT_QUESTION, LONG_QUESTION = "What colour is the part?", "Describe the part and any defect on it."
@@ -55,7 +55,7 @@ def mixed_bodies(clients: int, per_client: int, adapters: list[str], images: lis
         for k in range(per_client):
             i = request_number(c, k, clients)
             is_long = (k + c) % long_every == 0
-            adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+            adapter = request_adapter(i, adapters)
             body = {"instruction": LONG_QUESTION if is_long else SHORT_QUESTION, "images": [images[i % len(images)]],
                     "max_new_tokens": long_tokens if is_long else short_tokens, "adapter": adapter}
             mine.append((is_long, json.dumps(body).encode()))

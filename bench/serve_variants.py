@@ -41,6 +41,7 @@ from bench.serve_load import (  # noqa: E402
     make_adapters,
     measure,
     percentile,
+    request_adapter,
     request_number,
     run_load,
     world_images,
@@ -55,7 +56,7 @@ def run_load_httpx(url: str, clients: int, per_client: int, adapters: list[str],
         with httpx.Client(timeout=300) as http:
             for k in range(per_client):
                 i = request_number(c, k, clients)
-                adapter = "base" if i % 2 == 0 else adapters[(i // 2) % len(adapters)]
+                adapter = request_adapter(i, adapters)
                 body = {"instruction": QUESTIONS[i % len(QUESTIONS)], "images": [images[i % len(images)]],
                         "max_new_tokens": max_new_tokens, "adapter": adapter}
                 t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -38,8 +39,6 @@ def test_serve_load_measures_both_servers_in_rounds(monkeypatch, capsys):
 
 def test_requests_in_flight_together_mix_base_adapters_and_images():
     """The k-th request of every client is in flight at once: that set must itself be the mix."""
-    import json
-
     bodies = _module().request_bodies(16, 4, ["a0", "a1", "a2", "a3"], [f"img{i}" for i in range(32)], 8)
     assert [len(b) for b in bodies] == [4] * 16
     for k in range(4):
