@@ -174,7 +174,6 @@ def print_profile(base, requests: list[GenerationRequest], cache: ImageFeatureCa
           f"{alone_ms / batch_matmul:.2f}x (each request alone {alone_ms:.2f} ms, batched matmuls {batch_matmul:.2f} ms per request)")
 
 
-
 def prefill_forward(base, requests: list[GenerationRequest], cache: ImageFeatureCache, language_model) -> Callable[[], object]:
     """One forward of the rows' prompts through ``language_model`` (no KV cache), each row on its slot."""
     ids = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
