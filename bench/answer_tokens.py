@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.demo.data import EVAL_SEED  # noqa: E402
 from service.model.base import BaseModel, load_base  # noqa: E402
-from service.model.generate import answer_token_ids, embed_prompts  # noqa: E402
+from service.model.generate import answer_token_ids, embed_prompts, left_padded_positions  # noqa: E402
 from service.model.lora import load_adapter  # noqa: E402
 from service.model.lora.context import adapter_batch  # noqa: E402
 from service.model.training import TrainingExample, build_batch  # noqa: E402
@@ -55,7 +55,7 @@ def token_probabilities(base: BaseModel, slot_adapter, image, instruction: str, 
     batch = build_batch(base, [TrainingExample(instruction, answer, [image])])
     features = [list(base.encode_images(base.preprocess_images([image])))]
     embeds, mask = embed_prompts(base, batch.token_rows, features)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = left_padded_positions(mask)
     with adapter_batch(trainable=slot_adapter):
         logits = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[0]
     n = len(answer_token_ids(base, answer))

@@ -45,6 +45,7 @@ from service.model.generate import (  # noqa: E402
     encode_prompt,
     generate,
     image_features,
+    left_padded_positions,
 )
 from service.model.lora.context import adapter_batch  # noqa: E402
 from service.world import generate_examples  # noqa: E402
@@ -178,7 +179,7 @@ def prefill_forward(base, requests: list[GenerationRequest], cache: ImageFeature
     """One forward of the rows' prompts through ``language_model`` (no KV cache), each row on its slot."""
     ids = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
     embeds, mask = embed_prompts(base, ids, [image_features(base, r.images, cache) for r in requests])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = left_padded_positions(mask)
     slots = torch.tensor([r.slot for r in requests])
 
     @torch.no_grad()

@@ -175,6 +175,12 @@ def image_features(
     return [found[k] for k in keys]
 
 
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` of left-padded rows with ``mask [B, T]`` (1 = token): each row's first
+    token is position 0, and its padding is clamped to 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def embed_prompts(
     base: BaseModel, rows: list[list[int]], features: list[list[torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +324,7 @@ class RunningBatch:
             k += len(r.images)
         t1 = time.perf_counter()
         embeds, mask = embed_prompts(base, ids, per_row)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = left_padded_positions(mask)
         slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
         out = _forward(base, slots, adapter, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        logits_to_keep=1, cache=ReservedCache(base.model.config))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from service.model.base import BaseModel
-from service.model.generate import answer_token_ids, embed_prompts, encode_prompt
+from service.model.generate import answer_token_ids, embed_prompts, encode_prompt, left_padded_positions
 from service.model.lora.config import AdapterConfig
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
@@ -101,7 +101,7 @@ def adapter_loss(
         for imgs in batch.images:
             image_features.append(list(base.encode_images(base.preprocess_images(imgs))) if imgs else [])
     embeds, mask = embed_prompts(base, batch.token_rows, image_features)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = left_padded_positions(mask)
     with adapter_batch(trainable=adapter):
         logits = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     labels = batch.labels.to(logits.device)
