@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--model", type=Path, help="local LLaVA directory (default: the embedded demo base)")
     serve.add_argument("--device", help="auto | cpu | cuda[:N]")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--torch-threads", dest="torch_threads", type=int,
+                       help="model threads on a CPU (default: cores - 1, leaving one to the event loop)")
     serve.add_argument("--n-slots", dest="n_slots", type=int)
     serve.add_argument("--max-rank", dest="max_rank", type=int)
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per batch (1 = no batching)")
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="waiting requests join a running batch once there are this many per running row")
     serve.add_argument("--max-join-steps", dest="max_join_steps", type=int,
                        help="...or once the oldest has waited this many decode steps")
+    serve.add_argument("--prefix-cache-mb", dest="prefix_cache_mb", type=int,
+                       help="memory for cached image-prefix keys/values, reused across questions (0: off)")
     serve.add_argument("--redis-url", dest="redis_url", help="queue fine-tunes on Redis for separate trainers")
     serve.add_argument("--no-embedded-trainer", dest="embedded_trainer", action="store_const", const=False,
                        help="do not train in the server process (run `python -m service trainer` instead)")

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model: Path = Field(DEFAULT_MODEL_DIR, description="a local LLaVA directory (the embedded demo base by default)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="intra-op threads of the model on a CPU (default: one fewer than the cores, "
+        "leaving one to the HTTP event loop)"
+    )
     n_slots: int = Field(8, ge=1, le=256, description="resident adapter slots")
     max_rank: int = Field(64, ge=1, le=1024, description="largest adapter rank a slot holds")
     adapter_targets: tuple[str, ...] = Field(
@@ -45,6 +49,10 @@ class Settings(BaseSettings):
     )
     max_join_steps: int = Field(
         8, ge=0, le=10_000, description="...or once the oldest has waited this many decode steps (0: at the next step)"
+    )
+    prefix_cache_mb: int = Field(
+        256, ge=0, le=1_000_000, description="memory for the keys and values of image prefixes, reused by later "
+        "questions on the same images and adapter (0: off)"
     )
     max_queue: int = Field(256, ge=1, description="waiting requests before answering 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's limit, queueing included")

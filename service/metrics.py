@@ -14,3 +14,7 @@ QUEUE_DEPTH = Gauge("service_queue_depth", "requests waiting for a batch")
 ADAPTERS_LOADED = Gauge("service_adapters_loaded", "adapters resident in slots")
 ADAPTER_REQUESTS = Counter("service_adapter_requests_total", "answered rows per adapter", ["adapter"])
 GENERATED_TOKENS = Counter("service_generated_tokens_total", "completion tokens generated")
+PREFIX_CACHE_LOOKUPS = Counter(
+    "service_prefix_cache_lookups_total", "image-prefix KV cache lookups by prompts with images", ["result"]
+)
+PREFIX_CACHE_BYTES = Gauge("service_prefix_cache_bytes", "bytes of image-prefix keys and values cached")

@@ -65,8 +65,14 @@ def test_answer_with_and_without_adapter_and_hot_swap(server):
     v2 = httpx.post(url + "/v1/answer?adapter=line-inspection", data={"instruction": "What colour?", "max_new_tokens": "6"}, files=files)
     assert v2.json()["adapter"]["version"] == 2 and v2.json()["answer"] != v1.json()["answer"]
 
+    # The same image and question on the base again: its image prefix comes from the cache, same answer.
+    again = httpx.post(url + "/v1/answer", data={"instruction": "What colour?", "max_new_tokens": "6"}, files=files)
+    assert again.json()["answer"] == plain.json()["answer"]
+
     metrics = httpx.get(url + "/metrics").text
     assert 'service_adapter_requests_total{adapter="line-inspection"}' in metrics
+    assert 'service_prefix_cache_lookups_total{result="hit"} 1.0' in metrics
+    assert 'service_prefix_cache_lookups_total{result="miss"} 3.0' in metrics
     assert "service_batch_size_bucket" in metrics
 
 

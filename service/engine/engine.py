@@ -19,6 +19,7 @@ while under load the wait gathers a full prefill group.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,7 @@ from service.model.generate import (
     check_request,
 )
 from service.model.lora import AdapterLoadError, load_adapter
+from service.model.prefix_cache import PrefixCache
 from service.registry.store import AdapterRef, AdapterStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,22 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def pick_threads(requested: int | None, device: torch.device) -> int | None:
+    """Intra-op threads for the model, or None to leave torch's choice (on a GPU).
+
+    On a CPU the default leaves one core to the event loop, which parses requests, decodes images and
+    writes answers while the model runs: torch's threads spin on every core between operators, and
+    on 2 cores letting them have both cost the batching server 10-15 % of its throughput
+    (docs/benchmarks.md).
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -112,17 +130,26 @@ class Engine:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
+        threads = pick_threads(settings.torch_threads, self.device)
+        if threads is not None:
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         self.base: BaseModel = base or load_base(
             settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots, max_rank=settings.max_rank,
             target_modules=settings.adapter_targets,
         )
-        log.info("loaded base %s (%s) in %.1fs on %s", settings.model, self.base.fingerprint,
-                 time.perf_counter() - t0, self.device)
+        log.info("loaded base %s (%s) in %.1fs on %s, %d torch threads", settings.model, self.base.fingerprint,
+                 time.perf_counter() - t0, self.device, torch.get_num_threads())
         self.store = AdapterStore(settings.adapter_dir)
         self.store.cleanup(max_age_s=6 * 3600)  # temp dirs left by writers that crashed
         self.slots = SlotTable(settings.n_slots)
         self.cache = ImageFeatureCache()
+        self.prefixes = PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
+        # What names each slot's weights for the prefix cache: slot 0 is the base; an adapter slot
+        # gets a new name at every load, so no prefix computed on the slot's previous occupant
+        # (or on an earlier load of the same version) is ever reused.
+        self._slot_scopes: dict[int, str] = {0: "base"}
+        self._loads = 0
         self._queue: queue.Queue[PendingRow] = queue.Queue(maxsize=settings.max_queue)
         self._deferred: list[PendingRow] = []  # rows that found no free slot, first in line
         self._running: RunningBatch | None = None  # touched by the worker thread only
@@ -280,6 +307,8 @@ class Engine:
                     continue
                 slot, evicted = self.slots.assign(key, pinned)
                 self.base.slots.load(slot, weights)
+                self._loads += 1
+                self._slot_scopes[slot] = f"load-{self._loads}"
                 metrics.ADAPTERS_LOADED.set(len(self.slots.resident))
                 log.info("loaded adapter %s@%d into slot %d%s", *key, slot, f" (evicted {evicted[0]}@{evicted[1]})" if evicted else "")
             pinned.add(slot)
@@ -296,12 +325,15 @@ class Engine:
         requests = [
             GenerationRequest(
                 row.job.instruction, row.job.images, slot=slot, max_new_tokens=row.job.max_new_tokens,
-                temperature=row.job.temperature, on_text=row.on_text, is_cancelled=row.cancelled.is_set,
+                temperature=row.job.temperature, prefix_scope=self._slot_scopes[slot], on_text=row.on_text,
+                is_cancelled=row.cancelled.is_set,
             )
             for row, slot in placed
         ]
+        hits, misses = (self.prefixes.hits, self.prefixes.misses) if self.prefixes else (0, 0)
         try:
-            group = RunningBatch.prefill(self.base, requests, cache=self.cache, keys=[row for row, _ in placed])
+            group = RunningBatch.prefill(self.base, requests, cache=self.cache, keys=[row for row, _ in placed],
+                                         prefixes=self.prefixes)
         except Exception as exc:  # one bad row must not fail the others: admit them one by one
             if len(placed) > 1:
                 log.warning("prefill of %d rows failed (%s); admitting them one by one", len(placed), exc)
@@ -311,6 +343,11 @@ class Engine:
             log.exception("request %s failed", placed[0][0].request_id)
             placed[0][0].future.set_exception(exc)
             return
+        finally:
+            if self.prefixes:
+                metrics.PREFIX_CACHE_LOOKUPS.labels("hit").inc(self.prefixes.hits - hits)
+                metrics.PREFIX_CACHE_LOOKUPS.labels("miss").inc(self.prefixes.misses - misses)
+                metrics.PREFIX_CACHE_BYTES.set(self.prefixes.nbytes)
         for row, _ in placed:
             row.started = started
         if self._running:

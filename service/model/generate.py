@@ -5,7 +5,9 @@ per-row stop at EOS; a row that stops leaves the batch, so the others decode wit
 new rows can join between decode steps (:class:`RunningBatch`, what the engine's continuous
 batching runs on; :func:`generate` is one batch from prefill to the last row). The vision
 tower + VCE run once per distinct image (optionally cached by a hash of the image); features
-are scattered into the image-token positions of the prompt embeddings.
+are scattered into the image-token positions of the prompt embeddings. With a
+:class:`~service.model.prefix_cache.PrefixCache`, a prompt whose image prefix was seen before on
+the same weights runs only its instruction, over the cached keys and values.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from service.model.base import BaseModel
 from service.model.kv_cache import ReservedCache, drop_leading_columns, is_growing, left_pad, stack_rows
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
+from service.model.prefix_cache import (
+    PrefixCache,
+    PrefixEntry,
+    cache_of_prefixes,
+    prefix_key,
+    prefix_length,
+    read_prefix,
+    supports_prefixes,
+)
 
 
 class PromptTooLongError(ValueError):
@@ -42,6 +53,9 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # What names the weights this row runs on ("base", or one load of an adapter into its slot), so
+    # that its image prefix's keys and values can be cached and reused; None: not cached.
+    prefix_scope: str | None = None
     # Streaming and cancellation hooks, called from the generating thread.
     on_text: Callable[[str], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
@@ -152,10 +166,14 @@ def check_request(base: BaseModel, request: GenerationRequest) -> int:
 
 
 def image_features(
-    base: BaseModel, images: list[Image.Image], cache: ImageFeatureCache | None = None
+    base: BaseModel, images: list[Image.Image], cache: ImageFeatureCache | None = None,
+    keys: list[str] | None = None,
 ) -> list[torch.Tensor]:
-    """Features ``[tokens_per_image, d_llm]`` per image; each distinct image is encoded once."""
-    keys = [image_key(im) for im in images]
+    """Features ``[tokens_per_image, d_llm]`` per image; each distinct image is encoded once.
+
+    ``keys``: the images' :func:`image_key` s, when the caller has them already.
+    """
+    keys = keys if keys is not None else [image_key(im) for im in images]
     found: dict[str, torch.Tensor] = {}
     todo: dict[str, Image.Image] = {}
     for key, im in zip(keys, images, strict=True):
@@ -279,6 +297,18 @@ class _Row:
         )
 
 
+def _new_rows(keys: list[Any], requests: list[GenerationRequest], ids: list[list[int]], timing: RowTiming) -> list[_Row]:
+    """A prefilled group's rows: each with its own copy of the group's ``timing`` and its sampler."""
+    rows = []
+    for key, req, prompt in zip(keys, requests, ids, strict=True):
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(req.seed if req.seed is not None else torch.seed())
+        rows.append(_Row(key, req, len(prompt), generator, RowTiming(**timing.__dict__), done=req.max_new_tokens <= 0))
+    return rows
+
+
 class RunningBatch:
     """Rows decoding together, one token per :meth:`step`; rows can join (:meth:`merge`) between steps.
 
@@ -305,19 +335,64 @@ class RunningBatch:
         cache: ImageFeatureCache | None = None,
         adapter: AdapterWeights | None = None,
         keys: list[Any] | None = None,
+        prefixes: PrefixCache | None = None,
     ) -> RunningBatch:
         """Encode ``requests`` (images once each), run their prompts in one forward pass.
 
         ``adapter`` applies one (e.g. still training) adapter to every row instead of the slots;
         ``keys`` (default: the row's index) are what :meth:`step` returns with each result.
-        Raises :class:`PromptTooLongError` / ``ValueError`` for a request that cannot run.
+        With ``prefixes``, rows with a ``prefix_scope`` whose image prefix is cached run only the
+        rest of their prompt (a second forward pass, merged in), and the others' prefixes are
+        cached. Raises :class:`PromptTooLongError` / ``ValueError`` for a request that cannot run.
         """
         t0 = time.perf_counter()
+        keys = list(keys) if keys is not None else list(range(len(requests)))
         ids = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
         for row, req in zip(ids, requests, strict=True):
             _check_length(base, len(row), req.max_new_tokens)
+        image_keys = [[image_key(im) for im in r.images] for r in requests]
+        hits: dict[int, PrefixEntry] = {}
+        missed: dict[int, tuple[str, int]] = {}  # row -> (prefix key, prefix length) to cache
+        if prefixes is not None and adapter is None and supports_prefixes(base.model.config):
+            for i, (req, row) in enumerate(zip(requests, ids, strict=True)):
+                n = prefix_length(row, base.image_token_id)
+                if req.prefix_scope is None or n == 0:
+                    continue
+                key = prefix_key(req.prefix_scope, row[:n], image_keys[i])
+                entry = prefixes.get(key)
+                if entry is None:
+                    missed[i] = (key, n)
+                else:
+                    hits[i] = entry
+        batch: RunningBatch | None = None
+        full = [i for i in range(len(requests)) if i not in hits]
+        if full:
+            batch = cls._prefill_prompts(base, [requests[i] for i in full], [ids[i] for i in full],
+                                         [image_keys[i] for i in full], [keys[i] for i in full], cache, adapter, t0)
+            width = batch.mask.shape[1]
+            for j, i in enumerate(full):
+                if i in missed:
+                    key, n = missed[i]
+                    prefixes.put(key, read_prefix(batch.cache, j, width - len(ids[i]), n))
+        if hits:
+            rest = sorted(hits)
+            after = cls._prefill_after_prefixes(base, [requests[i] for i in rest], [ids[i] for i in rest],
+                                                [hits[i] for i in rest], [keys[i] for i in rest],
+                                                time.perf_counter() if batch else t0)
+            if batch is None:
+                batch = after
+            else:
+                batch.merge(after)
+        return batch
+
+    @classmethod
+    def _prefill_prompts(cls, base: BaseModel, requests: list[GenerationRequest], ids: list[list[int]],
+                         image_keys: list[list[str]], keys: list[Any], cache: ImageFeatureCache | None,
+                         adapter: AdapterWeights | None, t0: float) -> RunningBatch:
+        """The whole prompts in one forward pass, images encoded (or taken from ``cache``)."""
         all_images = [im for r in requests for im in r.images]
-        feats = image_features(base, all_images, cache) if all_images else []
+        flat_keys = [k for row in image_keys for k in row]
+        feats = image_features(base, all_images, cache, keys=flat_keys) if all_images else []
         per_row, k = [], 0
         for r in requests:
             per_row.append(feats[k : k + len(r.images)])
@@ -329,15 +404,30 @@ class RunningBatch:
         out = _forward(base, slots, adapter, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        logits_to_keep=1, cache=ReservedCache(base.model.config))
         t2 = time.perf_counter()
-        rows = []
-        for key, req, prompt in zip(keys if keys is not None else range(len(requests)), requests, ids, strict=True):
-            generator = None
-            if req.temperature > 0:
-                generator = torch.Generator()
-                generator.manual_seed(req.seed if req.seed is not None else torch.seed())
-            timing = RowTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0, len(requests))
-            rows.append(_Row(key, req, len(prompt), generator, timing, done=req.max_new_tokens <= 0))
+        rows = _new_rows(keys, requests, ids, RowTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0, len(requests)))
         return cls(base, rows, out.cache, mask, positions[:, -1:], slots, out.logits[:, -1], adapter)
+
+    @classmethod
+    def _prefill_after_prefixes(cls, base: BaseModel, requests: list[GenerationRequest], ids: list[list[int]],
+                                entries: list[PrefixEntry], keys: list[Any], t0: float) -> RunningBatch:
+        """The prompts after their cached prefixes (``entries``), attending to them.
+
+        Each row's positions are ``[padding, its prefix][padding, the rest of its prompt]``: the
+        mask hides both paddings and the position ids count only real tokens, so each row sees
+        exactly what its whole prompt, run alone, would have.
+        """
+        cache, prefix_mask = cache_of_prefixes(base.model.config, entries)
+        rest = [row[entry.length :] for row, entry in zip(ids, entries, strict=True)]
+        embeds, rest_mask = embed_prompts(base, rest, [[] for _ in rest])
+        mask = torch.cat([prefix_mask, rest_mask], dim=1)
+        positions = left_padded_positions(mask)[:, prefix_mask.shape[1] :]
+        slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
+        t1 = time.perf_counter()
+        out = _forward(base, slots, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       logits_to_keep=1, cache=cache)
+        t2 = time.perf_counter()
+        rows = _new_rows(keys, requests, ids, RowTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0, len(requests)))
+        return cls(base, rows, out.cache, mask, positions[:, -1:], slots, out.logits[:, -1], None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -429,14 +519,16 @@ def generate(
     cache: ImageFeatureCache | None = None,
     timing: BatchTiming | None = None,
     adapter: AdapterWeights | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> list[GenerationResult]:
     """Answer a batch of requests in one set of forward passes (rows may use different slots).
 
-    ``adapter`` applies one (e.g. still training) adapter to every row instead of the slots.
+    ``adapter`` applies one (e.g. still training) adapter to every row instead of the slots;
+    ``prefixes`` caches and reuses image prefixes (see :meth:`RunningBatch.prefill`).
     """
     if not requests:
         return []
-    batch = RunningBatch.prefill(base, requests, cache=cache, adapter=adapter)
+    batch = RunningBatch.prefill(base, requests, cache=cache, adapter=adapter, prefixes=prefixes)
     results: list[GenerationResult | None] = [None] * len(requests)
     while batch:
         for index, result in batch.step():

@@ -6,10 +6,11 @@ import threading
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from service.config import Settings
-from service.engine.engine import Engine, SlotTable
+from service.engine.engine import Engine, SlotTable, pick_threads
 from service.engine.jobs import AnswerJob
 from service.errors import InvalidInput, NotFound, Overloaded
 from tests.helpers import bias_eos, poll, publish_random_adapter
@@ -264,3 +265,33 @@ def test_a_newcomer_joins_after_max_join_steps_even_alone(make_engine, tiny_base
     result = newcomer.future.result(timeout=60)
     assert not long.future.done() and result["timing_ms"]["batch_size"] == 2
     assert done_at[0] - submitted_at >= 5 + 4  # waited 5 steps, then decoded its 4 tokens
+
+
+def test_image_prefixes_are_reused_but_never_across_adapters_sharing_a_slot(make_engine, tiny_base, tmp_path):
+    """Questions on one image and adapter reuse its prefix; a slot refilled by another adapter (or
+    the same one loaded again) starts afresh, and every answer equals an engine without the cache."""
+    store = tmp_path / "adapters"
+    for seed, name in enumerate("ab", start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed)
+    asked = [("What colour?", "a"), ("Where is it?", "a"), ("What colour?", "b"), ("What colour?", "a"),
+             ("What colour?", None), ("Where is it?", None)]
+    reference = make_engine(n_slots=1, max_batch_size=1, prefix_cache_mb=0)
+    assert reference.prefixes is None
+    want = [reference.answer(AnswerJob(q, [RED], name, 6))["answer"] for q, name in asked]
+    reference.close()
+    engine = make_engine(n_slots=1, max_batch_size=1)
+    got = [engine.answer(AnswerJob(q, [RED], name, 6))["answer"] for q, name in asked]
+    assert got == want
+    assert len(set(want[:3])) > 1  # a and b answer differently, so reusing a's prefix for b would show
+    # Hits: a's second question, and the base's second; a after b was loaded again into the slot: a miss.
+    assert (engine.prefixes.hits, engine.prefixes.misses) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "cores", "expected"),
+    [(None, "cpu", 2, 1), (None, "cpu", 16, 15), (None, "cpu", 1, 1), (3, "cpu", 2, 3), (None, "cuda", 8, None),
+     (4, "cuda", 8, 4)],
+)
+def test_model_threads_leave_a_core_to_the_event_loop_on_a_cpu(monkeypatch, requested, device, cores, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    assert pick_threads(requested, torch.device(device)) == expected

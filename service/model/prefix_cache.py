@@ -1,0 +1,128 @@
+"""The keys and values of a prompt's image prefix, computed once per (images, weights) and reused.
+
+A prompt reads ``USER: <image>×N {instruction} ASSISTANT:``: everything up to the last image token
+(the *prefix*: ~150 of the demo base's ~160 prompt positions) is the same for every question asked
+about the same images on the same weights. Like vLLM's automatic prefix caching, whose block hashes
+include the LoRA id and the multimodal inputs' hashes, a prefix's KV is keyed by the weights it ran
+on (a *scope* the caller names: ``"base"``, or one load of an adapter into a slot), its token ids
+and its images' content hashes. A prompt whose prefix is cached skips the vision tower, VCE and
+the prefix's share of the prefill: only its own instruction runs, attending to the cached
+positions. Entries are kept in an LRU bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache
+
+from service.model.kv_cache import ReservedCache, is_growing
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    """One prefix's cached keys and values: per layer ``[kv_heads, length, head_dim]``."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class PrefixCache:
+    """LRU of :class:`PrefixEntry` keyed by :func:`prefix_key`, holding at most ``capacity_bytes``."""
+
+    def __init__(self, capacity_bytes: int = 256 * 2**20):
+        self.capacity_bytes = capacity_bytes
+        self._items: OrderedDict[str, PrefixEntry] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> PrefixEntry | None:
+        entry = self._items.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, entry: PrefixEntry) -> None:
+        """Keep ``entry``, evicting the least recently used; one larger than the whole cache is not kept."""
+        if entry.nbytes > self.capacity_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._items[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.capacity_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+def prefix_length(ids: list[int], image_token_id: int) -> int:
+    """How many leading ``ids`` end with the last image token (0 for a prompt without images)."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == image_token_id:
+            return i + 1
+    return 0
+
+
+def prefix_key(scope: str, prefix_ids: list[int], image_keys: list[str]) -> str:
+    """What a prefix's keys and values depend on: the weights (``scope``), its tokens, its images."""
+    digest = hashlib.sha256(scope.encode())
+    digest.update(b"\0" + ",".join(map(str, prefix_ids)).encode())
+    for key in image_keys:
+        digest.update(b"\0" + key.encode())
+    return digest.hexdigest()
+
+
+def supports_prefixes(config: PreTrainedConfig) -> bool:
+    """Whether the model's KV cache is plain growing layers (a sliding window keeps no prefix)."""
+    return all(is_growing(layer) for layer in ReservedCache(config).layers)
+
+
+def read_prefix(cache: Cache, row: int, start: int, length: int) -> PrefixEntry:
+    """Copy row ``row``'s positions ``[start, start + length)`` out of a batch's KV ``cache``."""
+    keys = tuple(layer.keys[row, :, start : start + length].clone() for layer in cache.layers)
+    values = tuple(layer.values[row, :, start : start + length].clone() for layer in cache.layers)
+    return PrefixEntry(keys, values)
+
+
+def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry]) -> tuple[Cache, torch.Tensor]:
+    """A batch KV cache holding ``entries``, one per row, right-aligned to the longest.
+
+    Returns the cache (``[B, kv_heads, P, head_dim]`` per layer, zeros on the left padding) and
+    its ``mask [B, P]`` (1 on cached positions).
+    """
+    width = max(e.length for e in entries)
+    first = entries[0].keys[0]
+    mask = torch.zeros(len(entries), width, dtype=torch.long, device=first.device)
+    for i, entry in enumerate(entries):
+        mask[i, width - entry.length :] = 1
+    cache = ReservedCache(config)
+    for index, layer in enumerate(cache.layers):
+        stacked = []
+        for name in ("keys", "values"):
+            parts = [getattr(e, name)[index] for e in entries]
+            heads, _, dim = parts[0].shape
+            out = parts[0].new_zeros(len(entries), heads, width, dim)
+            for i, part in enumerate(parts):
+                out[i, :, width - part.shape[1] :] = part
+            stacked.append(out)
+        layer.update(*stacked)
+    return cache, mask
