@@ -75,6 +75,14 @@ class ReservedLayer(DynamicLayer):
             buffer[..., :keep, :] = filled
         return buffer
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys`` / ``values [B, kv_heads, capacity, head_dim]``, whose first ``length``
+        columns are filled, as this layer's buffers (no copy); the columns after are room."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        for name, buffer in (("keys", keys), ("values", values)):
+            self._buffers[name], self._spans[name] = buffer, (0, length)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices``, and the room."""
         if self.get_seq_length() > 0:

@@ -20,23 +20,23 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 
-from service.model.kv_cache import ReservedCache, is_growing
+from service.model.kv_cache import DEFAULT_RESERVE, ReservedCache, is_growing
 
 
 @dataclass(frozen=True)
 class PrefixEntry:
-    """One prefix's cached keys and values: per layer ``[kv_heads, length, head_dim]``."""
+    """One prefix's cached keys and values, all layers in one tensor (one copy per row to reuse it):
+    ``kv [layers, 2 (keys, values), kv_heads, length, head_dim]``."""
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
+    kv: torch.Tensor
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[-2]
+        return self.kv.shape[-2]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.kv.numel() * self.kv.element_size()
 
 
 class PrefixCache:
@@ -98,31 +98,31 @@ def supports_prefixes(config: PreTrainedConfig) -> bool:
 
 def read_prefix(cache: Cache, row: int, start: int, length: int) -> PrefixEntry:
     """Copy row ``row``'s positions ``[start, start + length)`` out of a batch's KV ``cache``."""
-    keys = tuple(layer.keys[row, :, start : start + length].clone() for layer in cache.layers)
-    values = tuple(layer.values[row, :, start : start + length].clone() for layer in cache.layers)
-    return PrefixEntry(keys, values)
+    span = slice(start, start + length)
+    return PrefixEntry(torch.stack([torch.stack([layer.keys[row, :, span], layer.values[row, :, span]])
+                                    for layer in cache.layers]))
 
 
-def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry]) -> tuple[Cache, torch.Tensor]:
+def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry],
+                      room: int = DEFAULT_RESERVE) -> tuple[Cache, torch.Tensor]:
     """A batch KV cache holding ``entries``, one per row, right-aligned to the longest.
 
-    Returns the cache (``[B, kv_heads, P, head_dim]`` per layer, zeros on the left padding) and
-    its ``mask [B, P]`` (1 on cached positions).
+    Returns the cache (``[B, kv_heads, P, head_dim]`` per layer, zeros on the left padding, and
+    ``room`` more positions to write the rest of the prompts into) and its ``mask [B, P]`` (1 on
+    cached positions). Every layer's keys and values are views of one buffer, so each row is a
+    single copy.
     """
     width = max(e.length for e in entries)
-    first = entries[0].keys[0]
-    mask = torch.zeros(len(entries), width, dtype=torch.long, device=first.device)
+    layers, _, heads, _, dim = entries[0].kv.shape
+    buffer = entries[0].kv.new_empty(layers, 2, len(entries), heads, width + room, dim)
+    mask = torch.zeros(len(entries), width, dtype=torch.long, device=buffer.device)
     for i, entry in enumerate(entries):
-        mask[i, width - entry.length :] = 1
-    cache = ReservedCache(config)
+        pad = width - entry.length
+        if pad:
+            buffer[:, :, i, :, :pad].zero_()
+        buffer[:, :, i, :, pad:width] = entry.kv
+        mask[i, pad:] = 1
+    cache = ReservedCache(config, reserve=room)
     for index, layer in enumerate(cache.layers):
-        stacked = []
-        for name in ("keys", "values"):
-            parts = [getattr(e, name)[index] for e in entries]
-            heads, _, dim = parts[0].shape
-            out = parts[0].new_zeros(len(entries), heads, width, dim)
-            for i, part in enumerate(parts):
-                out[i, :, width - part.shape[1] :] = part
-            stacked.append(out)
-        layer.update(*stacked)
+        layer.adopt(buffer[index, 0], buffer[index, 1], width)
     return cache, mask

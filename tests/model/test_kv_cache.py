@@ -108,3 +108,16 @@ def test_drop_leading_columns_on_either_kind_of_layer():
     drop_leading_columns(cache, 2)
     for layer in cache.layers:
         assert torch.equal(layer.keys, keys[..., 2:, :]) and torch.equal(layer.values, values[..., 2:, :])
+
+
+def test_an_adopted_buffer_is_read_and_written_in_place():
+    keys, values = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    layer = ReservedLayer(reserve=4)
+    layer.adopt(keys, values, 6)
+    assert torch.equal(layer.keys, keys[:, :, :6]) and layer.get_seq_length() == 6
+    new_k, new_v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    k, v = layer.update(new_k, new_v)  # fits the 4 columns of room: no copy
+    assert k.data_ptr() == keys.data_ptr() and v.data_ptr() == values.data_ptr()
+    assert torch.equal(k[:, :, 6:], new_k) and torch.equal(v[:, :, :6], values[:, :, :6])
+    k, _ = layer.update(new_k[:, :, :1], new_v[:, :, :1])  # no room left: a new buffer
+    assert k.data_ptr() != keys.data_ptr() and k.shape[2] == 11 and torch.equal(k[:, :, 6:10], new_k)

@@ -54,9 +54,16 @@ def test_one_adapter_matches_reference(kind, dtype, rank):
     [(8, 4, 6), (5, 3, 2), (4, 4, 4)],
     ids=["one-at-max-rank", "all-below-max-rank", "equal-ranks-below-max"],
 )
-def test_mixed_batch_equals_each_row_alone(dtype, ranks):
+@pytest.mark.parametrize(
+    ("slots", "tokens"),
+    [([0, 1, 2, 3, 1, 0], 5), ([0, 1, 2, 3, 1, 0], 1), ([0, 2, 1, 0], 1), ([2, 1, 3], 1)],
+    ids=["both-kinds-prompt", "both-kinds-decode", "dual-and-base-decode", "no-base-decode"],
+)
+def test_mixed_batch_equals_each_row_alone(dtype, ranks, slots, tokens):
     """Rows on different slots; the kernels read only the rank entries in use (the largest rank
-    among their rows), with LayerNorm masked to each adapter's own rank where ranks differ."""
+    among their rows), with LayerNorm masked to each adapter's own rank where ranks differ. In a
+    decode step (one token per row) rows without an adapter go through the first kernel on their
+    all-zero slot: their output must still be the base's, exactly."""
     layer = make_layer(dtype)
     adapters = {
         1: make_weights("DUAL_LORA", 24, 20, ranks[0], seed=1, dtype=dtype),
@@ -65,10 +72,11 @@ def test_mixed_batch_equals_each_row_alone(dtype, ranks):
     }
     for slot, w in adapters.items():
         layer.load_slot(slot, w)
-    slots = [0, 1, 2, 3, 1, 0]
-    x = torch.randn(len(slots), 5, 24, dtype=dtype)
+    x = torch.randn(len(slots), tokens, 24, dtype=dtype)
     with adapter_batch(slots):
         mixed = layer(x)
+    base_rows = [row for row, slot in enumerate(slots) if slot == 0]
+    assert torch.equal(mixed[base_rows], layer.base(x)[base_rows])
     for row, slot in enumerate(slots):
         with adapter_batch([slot]):
             alone = layer(x[row : row + 1])
@@ -168,3 +176,20 @@ def test_slot_banks_stay_out_of_the_state_dict_and_carry_no_gradients():
     layer = make_layer(torch.float32)
     assert set(layer.state_dict()) == {"base.weight", "base.bias"}
     assert all(not b.requires_grad for b in layer.buffers())
+
+
+@pytest.mark.parametrize("kind", ["LORA", "DUAL_LORA"])
+def test_a_slot_reloaded_after_a_forward_serves_its_new_weights(kind):
+    """The per-width banks cut at a forward are cut again when a slot's contents change."""
+    layer = make_layer()
+    first, second = (make_weights(kind, 24, 20, 4, seed=seed) for seed in (1, 2))
+    x = torch.randn(2, 3, 24)
+    for weights in (first, second):
+        layer.load_slot(1, weights)
+        for slots in ([1, 1], [1, 0]):  # one slot (views of the banks) and mixed (gathers)
+            with adapter_batch(slots):
+                got = layer(x)
+            close(got[:1], layer.base(x[:1]) + weights(x[:1]), torch.float32)
+    layer.clear_slot(1)
+    with adapter_batch([1, 0]):
+        assert torch.equal(layer(x), layer.base(x))

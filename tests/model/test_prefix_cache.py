@@ -29,8 +29,7 @@ def test_prefix_key_depends_on_scope_tokens_and_images():
 
 def entry(n_positions: int, value: float = 0.0) -> PrefixEntry:
     """A 2-layer entry of ``n_positions`` float32 positions: 2 layers x (k, v) x 4 x n x 8 x 4 bytes."""
-    tensor = torch.full((4, n_positions, 8), value)
-    return PrefixEntry((tensor, tensor), (tensor, tensor))
+    return PrefixEntry(torch.full((2, 2, 4, n_positions, 8), value))
 
 
 def test_lru_is_bounded_in_bytes():

@@ -12,6 +12,8 @@ model's ``state_dict``, and they carry no gradients (training uses
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,16 +25,31 @@ KIND_NONE, KIND_LORA, KIND_DUAL = 0, 1, 2
 KIND_OF = {LoRAWeights.kind: KIND_LORA, DualLoRAWeights.kind: KIND_DUAL}
 
 
-def _dual_rows(layer: SlotLinear, width: int) -> torch.Tensor | slice:
-    """Rows of ``lora_AT`` a Dual-LoRA kernel of rank width ``width`` reads: ``A[:width]`` and ``T[:width]``."""
-    if width == layer.max_rank:
-        return slice(None)
-    rows = layer._dual_rows.get(width)
-    if rows is None:
-        rank = layer.max_rank
-        rows = torch.cat([torch.arange(width), torch.arange(rank, rank + width)]).to(layer.lora_AT.device)
-        layer._dual_rows[width] = rows
-    return rows
+@dataclass(frozen=True)
+class SlotBanks:
+    """Every slot's weights cut to the first ``width`` rank entries, contiguous (``S`` slots).
+
+    ``at [S, w, d_in]`` (LoRA: A) or ``[S, 2w, d_in]`` (Dual-LoRA: A then T), ``b [S, d_out, w]``
+    (B, multiplied by the scale), ``ln [S, 2, w]`` (Dual-LoRA: LayerNorm weight and bias). A mixed
+    batch gathers each row's weights with one index per bank, and a batch on one slot reads views.
+    """
+
+    at: torch.Tensor
+    b: torch.Tensor
+    ln: torch.Tensor
+
+
+def _banks(layer: SlotLinear, kind: int, width: int) -> SlotBanks:
+    """The layer's :class:`SlotBanks` for ``kind`` at ``width``, cut once and kept until a slot changes."""
+    banks = layer._banks.get((kind, width))
+    if banks is None:
+        R = layer.max_rank
+        at = layer.lora_AT[:, :width] if kind == KIND_LORA else torch.cat(
+            [layer.lora_AT[:, :width], layer.lora_AT[:, R : R + width]], dim=1)
+        ln = torch.stack([layer.ln_weight[:, :width], layer.ln_bias[:, :width]], dim=1)
+        banks = SlotBanks(at.contiguous(), layer.lora_B[:, :, :width].contiguous(), ln)
+        layer._banks[(kind, width)] = banks
+    return banks
 
 
 class LoRAKernel:
@@ -48,12 +65,11 @@ class LoRAKernel:
         Only the first ``width`` rank entries are read (the largest rank among the rows): the slot
         banks are zero-padded to ``max_rank``, so the rest would add zeros.
         """
+        banks = _banks(layer, KIND_LORA, width)
         if same is not None:
-            hidden = F.linear(x, layer.lora_AT[same, :width])
-            return F.linear(hidden, layer.lora_B[same, :, :width]) * layer.scale[same]
-        hidden = torch.bmm(x, layer.lora_AT[slots, :width].transpose(1, 2))
-        out = torch.bmm(hidden, layer.lora_B[slots, :, :width].transpose(1, 2))
-        return out * layer.scale[slots].view(-1, 1, 1)
+            return F.linear(F.linear(x, banks.at[same]), banks.b[same])
+        hidden = torch.bmm(x, banks.at[slots].transpose(1, 2))
+        return torch.bmm(hidden, banks.b[slots].transpose(1, 2))
 
 
 class DualLoRAKernel:
@@ -62,21 +78,24 @@ class DualLoRAKernel:
     kind = KIND_DUAL
 
     @staticmethod
-    def _gate(layer: SlotLinear, hidden: torch.Tensor, slots: torch.Tensor | int, width: int, full: bool) -> torch.Tensor:
+    def _gate(layer: SlotLinear, hidden: torch.Tensor, ln: torch.Tensor, slots: torch.Tensor | int, width: int,
+              full: bool) -> torch.Tensor:
         """``hidden``: ``[..., 2w]`` = [A x | T x] → ``ReLU(T x) ⊙ LN(A x)``: ``[..., w]``.
 
+        ``ln``: the rows' LayerNorm weight and bias, ``[2, w]`` (one slot) or ``[n, 2, w]``.
         ``full``: every row's rank is ``width``, so LayerNorm runs over all ``w`` entries.
         """
         skill, task = hidden[..., :width], hidden[..., width:]
-        weight, bias = layer.ln_weight[slots, :width], layer.ln_bias[slots, :width]
         if isinstance(slots, torch.Tensor):
-            weight, bias = weight.unsqueeze(1), bias.unsqueeze(1)
+            weight, bias = ln[:, :1], ln[:, 1:]  # [n, 1, w], against hidden's [n, L, w]
+        else:
+            weight, bias = ln[0], ln[1]
         if full:
             normed = F.layer_norm(skill, (width,), eps=LN_EPS)
         else:
             # LayerNorm over each adapter's own r entries; the zero padding stays out of the stats.
             ranks = layer.rank[slots]
-            r = ranks.to(skill.dtype)
+            r = ranks.clamp(min=1).to(skill.dtype)  # (a row without adapter: rank 0, all masked, stays 0)
             mask = torch.arange(width, device=skill.device) < ranks.unsqueeze(-1)
             if isinstance(slots, torch.Tensor):
                 r, mask = r.view(-1, 1, 1), mask.unsqueeze(1)
@@ -90,15 +109,13 @@ class DualLoRAKernel:
     def delta(cls, layer: SlotLinear, x: torch.Tensor, slots: torch.Tensor, same: int | None, width: int,
               full: bool) -> torch.Tensor:
         """``x``: ``[n, L, d_in]``, ``slots``: ``[n]`` → ``[n, L, d_out]``; rank entries as in LoRA."""
-        rows = _dual_rows(layer, width)
+        banks = _banks(layer, KIND_DUAL, width)
         if same is not None:
-            gated = cls._gate(layer, F.linear(x, layer.lora_AT[same, rows]), same, width, full)
-            return F.linear(gated, layer.lora_B[same, :, :width]) * layer.scale[same]
-        at = layer.lora_AT[slots] if isinstance(rows, slice) else layer.lora_AT[slots.unsqueeze(1), rows]
-        hidden = torch.bmm(x, at.transpose(1, 2))
-        gated = cls._gate(layer, hidden, slots, width, full)
-        out = torch.bmm(gated, layer.lora_B[slots, :, :width].transpose(1, 2))
-        return out * layer.scale[slots].view(-1, 1, 1)
+            gated = cls._gate(layer, F.linear(x, banks.at[same]), banks.ln[same], same, width, full)
+            return F.linear(gated, banks.b[same])
+        hidden = torch.bmm(x, banks.at[slots].transpose(1, 2))
+        gated = cls._gate(layer, hidden, banks.ln[slots], slots, width, full)
+        return torch.bmm(gated, banks.b[slots].transpose(1, 2))
 
 
 KERNELS = (LoRAKernel, DualLoRAKernel)
@@ -130,7 +147,7 @@ class SlotLinear(nn.Module):
         # Host-side copies of ``kind`` and ``rank``: the forward never syncs with the device.
         self._kinds = [KIND_NONE] * slots
         self._ranks = [0] * slots
-        self._dual_rows: dict[int, torch.Tensor] = {}  # per rank width: the A and T rows it reads
+        self._banks: dict[tuple[int, int], SlotBanks] = {}  # per (kind, rank width); see _banks
 
     @property
     def in_features(self) -> int:
@@ -167,12 +184,14 @@ class SlotLinear(nn.Module):
             self.lora_AT[slot, R : R + r] = weights.lora_T.to(self.lora_AT)
             self.ln_weight[slot, :r] = weights.lora_ln_weight.to(self.ln_weight)
             self.ln_bias[slot, :r] = weights.lora_ln_bias.to(self.ln_bias)
-        self.lora_B[slot, :, :r] = weights.lora_B.to(self.lora_B)
+        # B is kept multiplied by the scale: one multiply fewer in every forward of every layer.
+        self.lora_B[slot, :, :r] = (weights.lora_B * weights.scale).to(self.lora_B)
         self.scale[slot] = weights.scale
         self.rank[slot] = r
         self.kind[slot] = KIND_OF[weights.kind]
         self._kinds[slot] = KIND_OF[weights.kind]
         self._ranks[slot] = r
+        self._banks = {}  # cut again from the banks just written
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -186,6 +205,7 @@ class SlotLinear(nn.Module):
         self.kind[slot] = KIND_NONE
         self._kinds[slot] = KIND_NONE
         self._ranks[slot] = 0
+        self._banks = {}
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.n_slots:
@@ -194,7 +214,7 @@ class SlotLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         # Keep the host-side kind list in sync when buffers are moved or cast.
         out = super()._apply(fn, recurse)
-        self._dual_rows = {}
+        self._banks = {}
         self._kinds = [int(k) for k in self.kind.tolist()]
         self._ranks = [int(r) for r in self.rank.tolist()]
         return out
@@ -227,17 +247,22 @@ class SlotLinear(nn.Module):
         return y.squeeze(1) if squeeze else y
 
     def _mixed(self, x: torch.Tensor, y: torch.Tensor, slot_ids: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
-        """Rows on different slots: each kernel handles the rows whose slot holds its kind."""
+        """Rows on different slots: each kernel handles the rows whose slot holds its kind.
+
+        In a decode step (one token per row) the rows without an adapter ride along with the first
+        kernel: their slot holds zeros, so their delta is exactly 0, and no rows need picking out
+        and adding back (two gathers and a scatter per layer, which cost more than the few zero
+        products at one token per row; at prompt lengths the zero products would cost more).
+        """
         kinds = [self._kinds[i] for i in ids]
-        present = set(kinds) - {KIND_NONE}
+        present = [kernel for kernel in KERNELS if kernel.kind in kinds]
         if not present:
             return y
         slots = slot_ids.to(x.device)
-        for kernel in KERNELS:
-            if kernel.kind not in present:
-                continue
-            mine = [i for i, k in enumerate(kinds) if k == kernel.kind]
-            ranks = {self._ranks[ids[i]] for i in mine}
+        ride_along = x.shape[1] == 1
+        for n, kernel in enumerate(present):
+            mine = [i for i, k in enumerate(kinds) if k == kernel.kind or (ride_along and n == 0 and k == KIND_NONE)]
+            ranks = {self._ranks[ids[i]] for i in mine if kinds[i] != KIND_NONE}
             width = max(ranks)  # the rank entries any of these rows uses
             full = len(ranks) == 1
             if len(mine) == len(ids):
