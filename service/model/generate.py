@@ -24,7 +24,7 @@ from PIL import Image
 from transformers.cache_utils import Cache
 
 from service.model.base import BaseModel
-from service.model.kv_cache import ReservedCache, drop_leading_columns, is_growing, left_pad, stack_rows
+from service.model.kv_cache import ReservedCache, compact_rows, drop_leading_columns, is_growing, left_pad, stack_rows
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
 from service.model.prefix_cache import (
@@ -254,12 +254,15 @@ def _emit(base: BaseModel, request: GenerationRequest, ids: list[int], sent: str
 
 def _keep_rows(
     cache: Cache, keep: list[int], mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop every row of the KV cache (and of ``mask [B, T]``, ``positions [B, 1+]``, ``slots [B]``)
     not in ``keep``, then the leading columns that are padding in every row left.
+
+    Returns the rows' new order (``order[j]``: the old index of row ``j``; see
+    :func:`~service.model.kv_cache.compact_rows`) and the three tensors in it.
     """
-    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    cache.batch_select_indices(index)
+    order = compact_rows(cache, keep)
+    index = torch.tensor(order, dtype=torch.long, device=mask.device)
     mask, positions, slots = mask[index], positions[index], slots[index]
     # Left padding that no remaining row needs (e.g. a text-only row outliving the image rows).
     # Only plain growing layers are cut: a sliding-window layer keeps its own position count.
@@ -267,7 +270,7 @@ def _keep_rows(
     if lead and all(is_growing(layer) for layer in cache.layers):
         mask = mask[:, lead:]
         drop_leading_columns(cache, lead)
-    return mask, positions, slots
+    return order, mask, positions, slots
 
 
 @dataclass
@@ -490,11 +493,13 @@ class RunningBatch:
         if finished:
             # Rows that finished leave the batch, so the next steps cost only what the rows still
             # generating need (answers of 1-12 tokens would otherwise all run to the longest).
-            self.rows = [self.rows[i] for i in keep]
+            order: list[int] = []
             if keep:
-                self.mask, self.positions, self.slots = _keep_rows(self.cache, keep, self.mask, self.positions, self.slots)
+                order, self.mask, self.positions, self.slots = _keep_rows(
+                    self.cache, keep, self.mask, self.positions, self.slots)
                 position = {i: j for j, i in enumerate(live_index)}  # every kept row was live
-                tokens = tokens[torch.tensor([position[i] for i in keep], device=tokens.device)]
+                tokens = tokens[torch.tensor([position[i] for i in order], device=tokens.device)]
+            self.rows = [self.rows[i] for i in order]
         if self.rows:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             self.positions = self.positions + 1

@@ -89,6 +89,14 @@ class ReservedLayer(DynamicLayer):
             for name, buffer in self._buffers.items():
                 self._buffers[name] = buffer[indices]
 
+    def move_rows(self, targets: torch.Tensor, sources: torch.Tensor, n_rows: int) -> None:
+        """Copy rows ``sources`` over rows ``targets``, then keep the first ``n_rows`` (a view)."""
+        if self.get_seq_length() > 0:
+            for name, buffer in self._buffers.items():
+                if len(targets):
+                    buffer[targets] = buffer[sources]
+                self._buffers[name] = buffer[:n_rows]
+
     def drop_leading(self, n: int) -> None:
         """Forget the first ``n`` filled columns (padding no row needs any more); a view, no copy."""
         for name, (start, end) in self._spans.items():
@@ -100,9 +108,11 @@ class ReservedLayer(DynamicLayer):
         for name in ("keys", "values"):
             mine, theirs = self._filled(name), getattr(other, name)
             batch, heads, _, dim = mine.shape
-            buffer = mine.new_zeros(batch + theirs.shape[0], heads, width + self.reserve, dim)
-            buffer[:batch, :, width - mine.shape[2] : width] = mine
-            buffer[batch:, :, width - theirs.shape[2] : width] = theirs
+            buffer = mine.new_empty(batch + theirs.shape[0], heads, width + self.reserve, dim)
+            for rows, part in ((slice(None, batch), mine), (slice(batch, None), theirs)):
+                pad = width - part.shape[2]
+                buffer[rows, :, :pad].zero_()  # (the room after ``width`` is written before it is read)
+                buffer[rows, :, pad:width] = part
             self._buffers[name], self._spans[name] = buffer, (0, width)
 
 
@@ -140,6 +150,33 @@ def stack_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
         else:
             mine.keys = torch.cat([left_pad(mine.keys, width, -2), left_pad(theirs.keys, width, -2)])
             mine.values = torch.cat([left_pad(mine.values, width, -2), left_pad(theirs.values, width, -2)])
+
+
+def compact_rows(cache: DynamicCache, keep: list[int]) -> list[int]:
+    """Keep only the rows ``keep`` (ascending) of every layer, moving as few as possible.
+
+    Rather than gathering every kept row into new buffers, each row that leaves from among the
+    first ``len(keep)`` is overwritten by a kept row from beyond them, and the buffers are cut to
+    ``len(keep)`` rows: one row copied per row that left, instead of the whole cache. Returns the
+    new order: ``order[j]`` is the old index of what is now row ``j``.
+    """
+    n = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in keep if i >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    if all(isinstance(layer, ReservedLayer) for layer in cache.layers):
+        device = cache.layers[0].keys.device if cache.layers and cache.layers[0].keys is not None else None
+        targets = torch.tensor(holes, dtype=torch.long, device=device)
+        sources = torch.tensor(movers, dtype=torch.long, device=device)
+        for layer in cache.layers:
+            layer.move_rows(targets, sources, n)
+    else:
+        index = torch.tensor(order, dtype=torch.long)
+        cache.batch_select_indices(index.to(cache.layers[0].keys.device) if cache.layers[0].keys is not None else index)
+    return order
 
 
 def drop_leading_columns(cache: DynamicCache, n: int) -> None:

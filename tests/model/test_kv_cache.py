@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from service.model.kv_cache import ReservedCache, ReservedLayer, drop_leading_columns, is_growing, stack_rows
+from service.model.kv_cache import (
+    ReservedCache,
+    ReservedLayer,
+    compact_rows,
+    drop_leading_columns,
+    is_growing,
+    stack_rows,
+)
 
 
 def kv(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,3 +128,22 @@ def test_an_adopted_buffer_is_read_and_written_in_place():
     assert torch.equal(k[:, :, 6:], new_k) and torch.equal(v[:, :, :6], values[:, :, :6])
     k, _ = layer.update(new_k[:, :, :1], new_v[:, :, :1])  # no room left: a new buffer
     assert k.data_ptr() != keys.data_ptr() and k.shape[2] == 11 and torch.equal(k[:, :, 6:10], new_k)
+
+
+@pytest.mark.parametrize(
+    "keep", [[0, 1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 2, 3], [0, 4], [2], [1, 3], [0, 2, 4]],
+)
+@pytest.mark.parametrize("layer_type", [ReservedLayer, DynamicLayer])
+def test_compacting_rows_keeps_exactly_the_kept_rows_and_says_in_what_order(keep, layer_type):
+    keys, values = kv(5, 6, 0)
+    layer = layer_type()
+    layer.update(keys, values)
+    cache = Cache(layers=[layer])
+    order = compact_rows(cache, keep)
+    assert sorted(order) == keep
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    if layer_type is ReservedLayer:  # rows already in place did not move: one copied per row that left below
+        assert all(order[j] == j for j in range(len(keep)) if j in keep)
+        new_k, new_v = kv(len(keep), 1, 1)
+        k, v = layer.update(new_k, new_v)
+        assert torch.equal(k[:, :, -1:], new_k) and torch.equal(k[:, :, :6], keys[order])
