@@ -151,25 +151,32 @@ class Authenticator:
         self._buckets[name] = (tokens - 1.0, now)
 
 
-def require(scope: str):
-    """A route dependency: the caller's key must carry ``scope`` (no-op when auth is off)."""
+def _require(request: Request, scope: str) -> Principal | None:
+    principal = request.app.state.auth.authenticate(request.headers.get("authorization"))
+    if principal is not None and not principal.allows(scope):
+        raise Forbidden(f"this key lacks the {scope!r} scope")
+    request.state.principal = principal
+    return principal
 
-    def dependency(request: Request) -> Principal | None:
-        principal = request.app.state.auth.authenticate(request.headers.get("authorization"))
-        if principal is not None and not principal.allows(scope):
-            raise Forbidden(f"this key lacks the {scope!r} scope")
-        request.state.principal = principal
-        return principal
+
+def require(scope: str):
+    """A route dependency: the caller's key must carry ``scope`` (no-op when auth is off).
+
+    ``async`` because it never blocks (a hash and, when the key file changed, a small read): a
+    plain ``def`` would cost every request a round trip through FastAPI's thread pool.
+    """
+
+    async def dependency(request: Request) -> Principal | None:
+        return _require(request, scope)
 
     return dependency
 
 
 def require_read_or_write(read: str = "infer", write: str = "admin"):
     """GET/HEAD need ``read``; every other method needs ``write``."""
-    check_read, check_write = require(read), require(write)
 
-    def dependency(request: Request) -> Principal | None:
-        return (check_read if request.method in ("GET", "HEAD") else check_write)(request)
+    async def dependency(request: Request) -> Principal | None:
+        return _require(request, read if request.method in ("GET", "HEAD") else write)
 
     return dependency
 

@@ -9,12 +9,15 @@ from fastapi import Depends, Request
 from service.config import Settings
 from service.errors import NotReady
 
+# Dependencies that never block are ``async``: FastAPI runs a plain ``def`` dependency in its
+# thread pool, a round trip between threads for every request on the cores the model runs on.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Any:
+async def get_engine(request: Request) -> Any:
     engine = request.app.state.engine
     if engine is None:
         error = request.app.state.load_error

@@ -13,8 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ServiceError, Timeout
 
 
-async def submit(engine: Any, job: Any, on_text: Callable[[str], None] | None = None) -> Any:
-    return await run_in_threadpool(engine.submit, job, on_text)
+async def submit(engine: Any, job: Callable[[], Any], on_text: Callable[[str], None] | None = None) -> Any:
+    """Build the job (decoding its images) and submit it, in one trip through the thread pool:
+    both are CPU work that must not hold up the event loop, and every trip between threads costs
+    the cores the model runs on."""
+    return await run_in_threadpool(lambda: engine.submit(job(), on_text))
 
 
 async def client_gone(request: Request) -> None:

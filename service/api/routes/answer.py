@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.auth import check_adapter
@@ -42,7 +42,8 @@ def _validated(data: dict, settings: Settings) -> AnswerRequest:
     return body
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, list]:
+async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, Callable[[], list]]:
+    """The request's fields, and what decodes its images (CPU work, for the thread pool)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -52,14 +53,10 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, l
         if not isinstance(data, dict):
             raise InvalidInput("body must be a JSON object")
         body = _validated(data, settings)
-        # Decoding is CPU work: keep it off the event loop so other requests proceed meanwhile.
-        images = await run_in_threadpool(
-            lambda: [
-                decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
-                for i, text in enumerate(body.images)
-            ]
-        )
-        return body, images
+        return body, lambda: [
+            decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
+            for i, text in enumerate(body.images)
+        ]
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_images + 1, max_fields=32)
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
@@ -67,12 +64,11 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, l
         body = _validated({**fields, "images": []}, settings)
         if len(files) > settings.max_images:
             raise PayloadTooLarge(f"at most {settings.max_images} images per request")
-        images = []
-        for i, upload in enumerate(files):
-            data = await upload.read(settings.max_image_bytes + 1)
-            images.append(await run_in_threadpool(
-                decode_image, data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]"))
-        return body, images
+        uploads = [await upload.read(settings.max_image_bytes + 1) for upload in files]
+        return body, lambda: [
+            decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]")
+            for i, data in enumerate(uploads)
+        ]
     raise UnsupportedMedia("send application/json or multipart/form-data")
 
 
@@ -83,15 +79,14 @@ async def answer(
     engine: EngineDep,
     adapter: str | None = Query(None, description="adapter name or name@version; overrides the body"),
 ):
-    body, images = await _parse(request, settings)
-    job = AnswerJob(
-        instruction=body.instruction,
-        images=images,
-        adapter=adapter if adapter is not None else body.adapter,
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-    )
-    check_adapter(request, job.adapter)
+    body, decode_images = await _parse(request, settings)
+    adapter = adapter if adapter is not None else body.adapter
+    check_adapter(request, adapter)
+
+    def job() -> AnswerJob:
+        return AnswerJob(instruction=body.instruction, images=decode_images(), adapter=adapter,
+                         max_new_tokens=body.max_new_tokens, temperature=body.temperature)
+
     if not body.stream:
         row = await submit(engine, job)
         return await wait_for_row(request, row, settings.request_timeout_s)

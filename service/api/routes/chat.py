@@ -106,9 +106,12 @@ async def chat_completions(request: Request, settings: SettingsDep, engine: Engi
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
-    job = _to_job(body, engine, settings)
-    check_adapter(request, job.adapter)
     created = int(time.time())
+
+    def job() -> AnswerJob:  # (decodes the images: run in the thread pool, by submit)
+        job = _to_job(body, engine, settings)
+        check_adapter(request, job.adapter)
+        return job
 
     if not body.stream:
         row = await submit(engine, job)
