@@ -92,6 +92,25 @@ def world_images(n: int) -> list[str]:
     return out
 
 
+def image_pools(clients: list[int], per_client: int, rounds: int, fresh: bool) -> dict:
+    """The images each (client count, round) sends, and the warm-up's (under ``"warm-up"``).
+
+    By default every run draws on one pool of 32 images (after the first run, the servers' caches
+    hold them all); with ``fresh``, every run gets images of its own, one per request, which both
+    servers receive (each has its own caches) and no other run sees, nor the warm-up.
+    """
+    if not fresh:
+        pool = world_images(32)
+        return {"warm-up": pool, **{(c, r): pool for c in clients for r in range(rounds)}}
+    runs = [(c, r) for c in clients for r in range(rounds)]
+    pool = world_images(sum(c * per_client for c, _ in runs) + 4)
+    pools, start = {"warm-up": pool[-4:]}, 0
+    for c, r in runs:
+        pools[(c, r)] = pool[start : start + c * per_client]
+        start += c * per_client
+    return pools
+
+
 class Server:
     def __init__(self, model: Path, store: Path, data: Path, max_batch: int, max_wait_ms: float, dtype: str = "auto",
                  extra_args: tuple[str, ...] = (), tree: Path = ROOT):
@@ -239,6 +258,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the servers' dtype (auto = float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--fresh-images", action="store_true",
+                        help="give every request an image no server has seen, so that no image-feature or prefix "
+                             "cache ever hits (default: a pool of 32 images; at 16 clients x 16 requests each image "
+                             "comes back 8 times, with the same adapter and different questions)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -246,14 +269,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "adapters"
         adapters = make_adapters(args.model, store, args.adapters, args.rank)
-        images = world_images(32)
+        pools = image_pools(args.clients, args.requests_per_client, args.rounds, args.fresh_images)
+        warm_up = pools.pop("warm-up")
         servers: dict[str, Server] = {}
         try:
             for label, max_batch, wait in ((BATCHED, 16, 10.0), (SINGLE, 1, 0.0)):
                 servers[label] = Server(args.model, store, Path(tmp) / f"data-{max_batch}", max_batch, wait, args.dtype)
-                run_load(servers[label].url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
+                run_load(servers[label].url, 2, 2, adapters, warm_up, args.max_new_tokens)  # warm-up, loads adapters
             for clients in args.clients:
                 for round_ in range(args.rounds):
+                    images = pools[(clients, round_)]
                     order = (BATCHED, SINGLE) if round_ % 2 == 0 else (SINGLE, BATCHED)
                     for label in order:
                         runs.setdefault((label, clients), []).append(
@@ -264,7 +289,8 @@ def main() -> None:
 
     print(f"# serve load: {args.model.name}, {args.adapters} adapters (rank {args.rank}) + base, "
           f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, {args.rounds} rounds, "
-          f"dtype {args.dtype}, {platform.machine()} {os.cpu_count()} cores\n")
+          f"dtype {args.dtype}, {'a new image for every request' if args.fresh_images else 'a pool of 32 images'}, "
+          f"{platform.machine()} {os.cpu_count()} cores\n")
     print("| server | clients | requests | throughput req/s (median) | p50 ms | p95 ms | server CPU ms/req | load generator CPU ms/req |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (label, clients), rs in runs.items():

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--device", help="auto | cpu | cuda[:N]")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--torch-threads", dest="torch_threads", type=int,
-                       help="model threads on a CPU (default: cores - 1, leaving one to the event loop)")
+                       help="the model's intra-op threads (default: torch's, one per core)")
     serve.add_argument("--n-slots", dest="n_slots", type=int)
     serve.add_argument("--max-rank", dest="max_rank", type=int)
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per batch (1 = no batching)")

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-
-# An engine sets torch's (process-wide) thread count to its default, cores - 1 on a CPU; engines built
-# inside the test process keep the count the tests started with instead (tests/engine covers the default).
-os.environ.setdefault("SERVICE_TORCH_THREADS", str(__import__("torch").get_num_threads()))
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,17 @@ def test_requests_in_flight_together_mix_base_adapters_and_images():
         assert len({r["images"][0] for r in step}) == 16
     everything = [json.loads(b) for mine in bodies for b in mine]
     assert sum(r["adapter"] == "base" for r in everything) == len(everything) // 2
+
+
+def test_fresh_images_are_new_to_every_run_and_shared_by_both_servers_in_a_run():
+    pools = _module().image_pools([1, 4], 3, 2, fresh=True)
+    runs = [(1, 0), (1, 1), (4, 0), (4, 1)]
+    assert set(pools) == {"warm-up", *runs}
+    assert [len(pools[r]) for r in runs] == [3, 3, 12, 12]
+    everything = [im for key in ("warm-up", *runs) for im in pools[key]]
+    assert len(set(everything)) == len(everything)  # no image twice, warm-up included
+    # Each run's bodies then give every request its own image.
+    bodies = _module().request_bodies(4, 3, ["a0"], pools[(4, 1)], 8)
+    assert len({json.loads(b)["images"][0] for mine in bodies for b in mine}) == 12
+    shared = _module().image_pools([16], 16, 3, fresh=False)
+    assert len(shared["warm-up"]) == 32 and all(shared[(16, r)] is shared["warm-up"] for r in range(3))

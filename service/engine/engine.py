@@ -19,7 +19,6 @@ while under load the wait gathers a full prefill group.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -56,22 +55,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def pick_threads(requested: int | None, device: torch.device) -> int | None:
-    """Intra-op threads for the model, or None to leave torch's choice (on a GPU).
-
-    On a CPU the default leaves one core to the event loop, which parses requests, decodes images and
-    writes answers while the model runs: torch's threads spin on every core between operators, and
-    on 2 cores letting them have both cost the batching server 10-15 % of its throughput
-    (docs/benchmarks.md).
-    """
-    if requested is not None:
-        return requested
-    if device.type != "cpu":
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -130,9 +113,8 @@ class Engine:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
-        threads = pick_threads(settings.torch_threads, self.device)
-        if threads is not None:
-            torch.set_num_threads(threads)
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
         self.base: BaseModel = base or load_base(
             settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots, max_rank=settings.max_rank,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from service.config import Settings
-from service.engine.engine import Engine, SlotTable, pick_threads
+from service.engine.engine import Engine, SlotTable
 from service.engine.jobs import AnswerJob
 from service.errors import InvalidInput, NotFound, Overloaded
 from tests.helpers import bias_eos, poll, publish_random_adapter
@@ -287,11 +287,10 @@ def test_image_prefixes_are_reused_but_never_across_adapters_sharing_a_slot(make
     assert (engine.prefixes.hits, engine.prefixes.misses) == (2, 4)
 
 
-@pytest.mark.parametrize(
-    ("requested", "device", "cores", "expected"),
-    [(None, "cpu", 2, 1), (None, "cpu", 16, 15), (None, "cpu", 1, 1), (3, "cpu", 2, 3), (None, "cuda", 8, None),
-     (4, "cuda", 8, 4)],
-)
-def test_model_threads_leave_a_core_to_the_event_loop_on_a_cpu(monkeypatch, requested, device, cores, expected):
-    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
-    assert pick_threads(requested, torch.device(device)) == expected
+def test_torch_threads_sets_the_model_threads(make_engine):
+    before = torch.get_num_threads()
+    try:
+        make_engine(torch_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
