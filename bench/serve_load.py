@@ -10,7 +10,11 @@ rounds, the speed-up the median of each round's ratio, latencies are pooled over
 per request (server process, all threads; and this load generator, which shares the machine) is
 read from ``/proc`` and ``getrusage``.
 
-    python bench/serve_load.py [--model service/assets/demo-base] [--clients 1 4 16] [--requests-per-client 6] [--rounds 3]
+By default the requests draw on 32 images, each of which comes back (with the same adapter and
+other questions), so the servers' image-feature and prefix caches hit; ``--fresh-images`` gives
+every request an image no server has seen.
+
+    python bench/serve_load.py [--model service/assets/demo-base] [--clients 1 4 16] [--requests-per-client 6] [--rounds 3] [--fresh-images]
 """
 
 from __future__ import annotations
