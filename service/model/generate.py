@@ -359,7 +359,7 @@ class RunningBatch:
         if prefixes is not None and adapter is None and supports_prefixes(base.model.config):
             for i, (req, row) in enumerate(zip(requests, ids, strict=True)):
                 n = prefix_length(row, base.image_token_id)
-                if req.prefix_scope is None or n == 0:
+                if req.prefix_scope is None or n in (0, len(row)):  # (no image, or nothing after it to run)
                     continue
                 key = prefix_key(req.prefix_scope, row[:n], image_keys[i])
                 entry = prefixes.get(key)

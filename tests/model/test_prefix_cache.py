@@ -125,3 +125,16 @@ def test_a_prefix_is_reused_only_within_its_scope(tiny_base):
     # A row without a scope (or on a trainable adapter) is never looked up.
     generate(tiny_base, [GenerationRequest("Colour?", [red], slot=1, max_new_tokens=2)], prefixes=prefixes)
     assert (prefixes.hits, prefixes.misses) == (0, 2)
+
+
+def test_a_prompt_ending_with_its_image_is_run_whole(tiny_base):
+    """With a template that puts the image last there is nothing to run after the prefix: no caching."""
+    from service.model.base import PromptFormat
+
+    tiny_base.prompt = PromptFormat(template="USER: {instruction} {images}", image_placeholder="<image>")
+    request = GenerationRequest("Colour?", [images()[0]], max_new_tokens=4, prefix_scope="base")
+    prefixes = PrefixCache()
+    want = generate(tiny_base, [GenerationRequest("Colour?", [images()[0]], max_new_tokens=4)])[0].token_ids
+    for _ in range(2):
+        assert generate(tiny_base, [request], prefixes=prefixes)[0].token_ids == want
+    assert len(prefixes) == 0 and prefixes.hits == prefixes.misses == 0
