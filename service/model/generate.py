@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from service.model.base import BaseModel
 from service.model.kv_cache import ReservedCache, compact_rows, drop_leading_columns, is_growing, left_pad, stack_rows
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
+from service.model.lru import SizedLRU
 from service.model.prefix_cache import (
     PrefixCache,
     PrefixEntry,
@@ -95,31 +95,11 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-class ImageFeatureCache:
-    """LRU of image features ``[tokens_per_image, d_llm]`` keyed by :func:`image_key`."""
+class ImageFeatureCache(SizedLRU[torch.Tensor]):
+    """LRU of image features ``[tokens_per_image, d_llm]`` keyed by :func:`image_key`, at most ``capacity``."""
 
     def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        super().__init__(capacity)
 
 
 def encode_prompt(base: BaseModel, instruction: str, n_images: int) -> list[int]:

@@ -13,7 +13,6 @@ positions. Entries are kept in an LRU bounded in bytes.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 
 from service.model.kv_cache import DEFAULT_RESERVE, ReservedCache, is_growing
+from service.model.lru import SizedLRU
 
 
 @dataclass(frozen=True)
@@ -39,39 +39,20 @@ class PrefixEntry:
         return self.kv.numel() * self.kv.element_size()
 
 
-class PrefixCache:
+class PrefixCache(SizedLRU[PrefixEntry]):
     """LRU of :class:`PrefixEntry` keyed by :func:`prefix_key`, holding at most ``capacity_bytes``."""
 
     def __init__(self, capacity_bytes: int = 256 * 2**20):
-        self.capacity_bytes = capacity_bytes
-        self._items: OrderedDict[str, PrefixEntry] = OrderedDict()
-        self.nbytes = 0
-        self.hits = self.misses = 0
+        super().__init__(capacity_bytes, size=lambda entry: entry.nbytes)
 
-    def __len__(self) -> int:
-        return len(self._items)
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity
 
-    def get(self, key: str) -> PrefixEntry | None:
-        entry = self._items.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return entry
-
-    def put(self, key: str, entry: PrefixEntry) -> None:
-        """Keep ``entry``, evicting the least recently used; one larger than the whole cache is not kept."""
-        if entry.nbytes > self.capacity_bytes:
-            return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        self._items[key] = entry
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.capacity_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values kept."""
+        return self.total
 
 
 def prefix_length(ids: list[int], image_token_id: int) -> int:
