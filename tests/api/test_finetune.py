@@ -244,3 +244,15 @@ def test_cosine_lr(step, total, expected):
     from service.model.training import cosine_lr
 
     assert cosine_lr(1.0, step, total) == pytest.approx(expected)
+
+
+def test_a_bfloat16_server_fine_tunes_and_serves_the_result(tiny_base_dir, tmp_path):
+    """A job on a bfloat16 base (what a GPU server runs) trains, publishes and answers."""
+    with make_client(tiny_base_dir, tmp_path, dtype="bfloat16") as client:
+        job = client.post("/v1/finetune", data={"adapter": "bf16", **HYPER, "epochs": "1"},
+                          files={"dataset": ("c.zip", colour_zip(2), "application/zip")}).json()
+        done = wait_for(client, job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["metrics"]["train_loss"] > 0
+        r = client.post("/v1/answer?adapter=bf16", json={"instruction": "hi", "max_new_tokens": 2})
+        assert r.status_code == 200 and r.json()["adapter"] == {"name": "bf16", "version": 1}

@@ -85,3 +85,35 @@ def _logits(base, batch, slots=None, trainable=None):
     embeds, mask = embed_prompts(base, batch.token_rows, feats)
     with adapter_batch(slots, trainable=trainable):
         return base.model(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def test_an_adapter_trains_on_a_bfloat16_base_in_float32(tiny_base_dir):
+    """The GPU default is a bfloat16 base; the trainable adapter stays float32 (the optimizer's
+    master weights), so its input is cast up and its delta back down. Before that cast, the first
+    forward failed with a dtype mismatch."""
+    from service.model.base import load_base
+
+    base = load_base(tiny_base_dir, dtype=torch.bfloat16, n_slots=2, max_rank=8)
+    with torch.no_grad():
+        base.model.lm_head.weight.mul_(25)
+    examples = [TrainingExample("What colour is it?", "red", [RED]), TrainingExample("What colour is it?", "blue", [BLUE])]
+    adapter = trainable_adapter(base, AdapterConfig(peft_type="DUAL_LORA", r=8, lora_alpha=16), seed=0)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    batch = build_batch(base, examples)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = adapter_loss(base, batch, adapter)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in adapter.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+    adapter.eval()
+    base.slots.load(1, adapter)
+    with torch.no_grad():
+        via_slot = _logits(base, batch, slots=[1, 1]).float()
+        via_trainable = _logits(base, batch, trainable=adapter).float()
+    # (logits of ±30 here, where bfloat16 steps by 0.125: two steps apart at most)
+    torch.testing.assert_close(via_slot, via_trainable, rtol=2e-2, atol=0.25)

@@ -228,7 +228,11 @@ class SlotLinear(nn.Module):
             return y
         if batch.trainable is not None:
             weights = batch.trainable.get(self.path)
-            return y if weights is None else y + weights(x).to(y.dtype)
+            if weights is None:
+                return y
+            # Trainable weights stay float32 (the optimizer's master copy) on a half-precision base:
+            # its activations are cast up for the adapter and its delta back down.
+            return y + weights(x.to(weights.lora_A.dtype)).to(y.dtype)
         if batch.slot_ids is None or batch.all_same_slot == 0:
             return y
         squeeze = x.dim() == 2
