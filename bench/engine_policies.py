@@ -39,6 +39,7 @@ from bench.serve_load import QUESTIONS, make_adapters, request_adapter, request_
 from service.config import DEFAULT_MODEL_DIR, Settings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.jobs import AnswerJob  # noqa: E402
+from service.model.threads import run_in_own_thread  # noqa: E402
 
 
 def parse_policy(text: str) -> tuple[str, dict]:
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs: dict[str, list[dict]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(args.model, Path(tmp) / "adapters", args.adapters, args.rank)
+        # (on a thread of its own, so that this thread keeps no OpenMP team: service/model/threads.py)
+        adapters = run_in_own_thread(make_adapters, args.model, Path(tmp) / "adapters", args.adapters, args.rank)
         images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in world_images(32)]
         jobs = [client_jobs(c, args.clients, args.requests_per_client, adapters, images, args.max_new_tokens) for c in range(args.clients)]
         engines = {

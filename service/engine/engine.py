@@ -46,6 +46,7 @@ from service.model.generate import (
 )
 from service.model.lora import AdapterLoadError, load_adapter
 from service.model.prefix_cache import PrefixCache
+from service.model.threads import run_in_own_thread
 from service.registry.store import AdapterRef, AdapterStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class PendingRow:
     submitted: float = field(default_factory=time.perf_counter)
     arrived_step: int = 0  # the engine's decode-step count when it was submitted
     started: float | None = None  # when its prefill began
+    prompt_ids: list[int] | None = None  # (see GenerationRequest)
+    image_keys: list[str] | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -116,9 +119,10 @@ class Engine:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
-        self.base: BaseModel = base or load_base(
-            settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots, max_rank=settings.max_rank,
-            target_modules=settings.adapter_targets,
+        # Loaded on a thread of its own, so that the caller's thread keeps no OpenMP team (see threads.py).
+        self.base: BaseModel = base or run_in_own_thread(
+            load_base, settings.model, device=self.device, dtype=self.dtype, n_slots=settings.n_slots,
+            max_rank=settings.max_rank, target_modules=settings.adapter_targets, name="engine-load",
         )
         log.info("loaded base %s (%s) in %.1fs on %s, %d torch threads", settings.model, self.base.fingerprint,
                  time.perf_counter() - t0, self.device, torch.get_num_threads())
@@ -157,11 +161,15 @@ class Engine:
     def submit(self, job: AnswerJob, on_text: Callable[[str], None] | None = None) -> PendingRow:
         """Validate, resolve the adapter version and queue; raises a ServiceError on bad input."""
         ref = self.store.resolve(job.adapter or "")
+        # Tokenising and hashing the images here, on the caller's thread, keeps them off the
+        # worker thread, whose forward passes are what every request waits for.
+        checked = GenerationRequest(job.instruction, job.images, max_new_tokens=job.max_new_tokens)
         try:
-            check_request(self.base, GenerationRequest(job.instruction, job.images, max_new_tokens=job.max_new_tokens))
+            check_request(self.base, checked)
         except (PromptTooLongError, ValueError) as exc:
             raise InvalidInput(str(exc)) from exc
-        row = PendingRow(job, ref, "ans-" + uuid.uuid4().hex[:16], on_text, arrived_step=self._steps)
+        row = PendingRow(job, ref, "ans-" + uuid.uuid4().hex[:16], on_text, arrived_step=self._steps,
+                         prompt_ids=checked.prompt_ids, image_keys=checked.image_keys)
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -175,8 +183,9 @@ class Engine:
 
     def validate_adapter(self, path: Path) -> dict:
         """Check an adapter directory can be served on this base; returns its config."""
-        try:
-            config, _ = load_adapter(path, self.base.slots, self.base.fingerprint, dtype=self.dtype)
+        try:  # (on a thread of its own: the caller is typically a long-lived thread pool's; see threads.py)
+            config, _ = run_in_own_thread(load_adapter, path, self.base.slots, self.base.fingerprint, dtype=self.dtype,
+                                          name="adapter-validation")
         except AdapterLoadError as exc:
             raise InvalidInput(f"adapter cannot be served on this base: {exc}") from exc
         return config.to_dict()
@@ -308,7 +317,7 @@ class Engine:
             GenerationRequest(
                 row.job.instruction, row.job.images, slot=slot, max_new_tokens=row.job.max_new_tokens,
                 temperature=row.job.temperature, prefix_scope=self._slot_scopes[slot], on_text=row.on_text,
-                is_cancelled=row.cancelled.is_set,
+                is_cancelled=row.cancelled.is_set, prompt_ids=row.prompt_ids, image_keys=row.image_keys,
             )
             for row, slot in placed
         ]

@@ -56,6 +56,10 @@ class GenerationRequest:
     # What names the weights this row runs on ("base", or one load of an adapter into its slot), so
     # that its image prefix's keys and values can be cached and reused; None: not cached.
     prefix_scope: str | None = None
+    # The prompt's token ids and the images' content hashes (:func:`check_request` fills both), so
+    # that a caller can compute them once, off the thread that runs the model; None: computed here.
+    prompt_ids: list[int] | None = None
+    image_keys: list[str] | None = None
     # Streaming and cancellation hooks, called from the generating thread.
     on_text: Callable[[str], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
@@ -139,10 +143,13 @@ def _check_length(base: BaseModel, n_tokens: int, max_new_tokens: int) -> None:
 
 
 def check_request(base: BaseModel, request: GenerationRequest) -> int:
-    """Validate one request up front; returns its prompt length in tokens."""
-    n_tokens = len(encode_prompt(base, request.instruction, len(request.images)))
-    _check_length(base, n_tokens, request.max_new_tokens)
-    return n_tokens
+    """Validate one request up front and fill in its ``prompt_ids`` and ``image_keys`` (which
+    :meth:`RunningBatch.prefill` then need not compute again); returns its prompt length in tokens."""
+    ids = encode_prompt(base, request.instruction, len(request.images))
+    _check_length(base, len(ids), request.max_new_tokens)
+    request.prompt_ids = ids
+    request.image_keys = [image_key(im) for im in request.images]
+    return len(ids)
 
 
 def image_features(
@@ -330,10 +337,12 @@ class RunningBatch:
         """
         t0 = time.perf_counter()
         keys = list(keys) if keys is not None else list(range(len(requests)))
-        ids = [encode_prompt(base, r.instruction, len(r.images)) for r in requests]
+        ids = [r.prompt_ids if r.prompt_ids is not None else encode_prompt(base, r.instruction, len(r.images))
+               for r in requests]
         for row, req in zip(ids, requests, strict=True):
             _check_length(base, len(row), req.max_new_tokens)
-        image_keys = [[image_key(im) for im in r.images] for r in requests]
+        image_keys = [r.image_keys if r.image_keys is not None else [image_key(im) for im in r.images]
+                      for r in requests]
         hits: dict[int, PrefixEntry] = {}
         missed: dict[int, tuple[str, int]] = {}  # row -> (prefix key, prefix length) to cache
         if prefixes is not None and adapter is None and supports_prefixes(base.model.config):

@@ -9,6 +9,7 @@ import threading
 
 from service.config import Settings
 from service.model.base import BaseModel, load_base
+from service.model.threads import run_in_own_thread
 from service.registry.store import AdapterStore
 from service.training import runtime
 from service.training.jobs import JobStore, database_url
@@ -60,8 +61,9 @@ def run_trainer_process(settings: Settings, workers: int = 1) -> None:
     from service.engine.engine import pick_device, pick_dtype
 
     device = pick_device(settings.device)
-    base = load_base(settings.model, device=device, dtype=pick_dtype(settings.dtype, device),
-                     n_slots=1, max_rank=settings.max_rank, target_modules=settings.adapter_targets)
+    base = run_in_own_thread(load_base, settings.model, device=device, dtype=pick_dtype(settings.dtype, device),
+                             n_slots=1, max_rank=settings.max_rank, target_modules=settings.adapter_targets,
+                             name="trainer-load")  # (the main thread keeps no OpenMP team; see threads.py)
     jobs = JobStore(database_url(settings.data_dir, settings.database_url))
     huey, task = make_queue(settings.data_dir, settings.redis_url)
     worker = f"{socket.gethostname()}:{os.getpid()}"
