@@ -180,3 +180,31 @@ def test_finished_rows_are_returned_at_the_step_they_finish(tiny_base):
     (key, result), = batch.step()
     assert key == 1 and len(result.token_ids) == 3 and not batch
     assert result.timing.decode_ms > 0 and result.timing.prefill_ms > 0
+
+
+def test_a_checked_request_is_not_tokenised_or_hashed_again(tiny_base, monkeypatch):
+    """``check_request`` (the engine runs it on the submitting thread) fills in the prompt's ids and
+    the images' hashes; the prefill on the model's thread uses them instead of computing them again."""
+    import service.model.generate as generation
+    from service.model.generate import check_request, image_key
+    from service.model.prefix_cache import PrefixCache
+
+    ims = images()
+    requests = [GenerationRequest("What colour?", [ims[0]], max_new_tokens=3, prefix_scope="base"),
+                GenerationRequest("Describe it.", [ims[1], ims[2]], max_new_tokens=3, prefix_scope="base"),
+                GenerationRequest("hi", [], max_new_tokens=3)]
+    want = [r.token_ids for r in generate(tiny_base, requests)]
+    for request in requests:
+        assert check_request(tiny_base, request) == len(request.prompt_ids)
+        assert request.prompt_ids == encode_prompt(tiny_base, request.instruction, len(request.images))
+        assert request.image_keys == [image_key(im) for im in request.images]
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("computed again on the model's thread")
+
+    monkeypatch.setattr(generation, "encode_prompt", recomputed)
+    monkeypatch.setattr(generation, "image_key", recomputed)
+    prefixes = PrefixCache(64 * 2**20)
+    for _ in range(2):  # the prefixes missed, then hit
+        assert [r.token_ids for r in generate(tiny_base, requests, prefixes=prefixes)] == want
+    assert prefixes.hits == 2
