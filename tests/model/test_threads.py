@@ -38,15 +38,18 @@ def test_no_openmp_team_outlives_the_work():
         from service.model.threads import run_in_own_thread
         count = lambda: len(os.listdir("/proc/self/task"))
         work = lambda: torch.ones(1 << 22).mul_(2).sum()
+        def settle(done):  # threads exit (and start) asynchronously: wait up to 5 s
+            deadline = time.time() + 5
+            while not done(count()) and time.time() < deadline:
+                time.sleep(0.05)
+            return count()
         start = count()
         run_in_own_thread(work)
-        time.sleep(0.1)
-        after_own = count()
+        after_own = settle(lambda n: n == start)
         stop = threading.Event()
         lives = threading.Thread(target=lambda: (work(), stop.wait()))
         lives.start()
-        time.sleep(0.3)
-        while_long_lived = count()
+        while_long_lived = settle(lambda n: n >= start + 2)
         stop.set()
         lives.join()
         print(start, after_own, while_long_lived)
