@@ -43,23 +43,29 @@ def test_only_the_trained_adapter_gets_gradients_and_slots_stay_untouched(tiny_b
             assert torch.equal(v, banks[k]), k
 
 
-def test_training_a_dual_lora_slot_teaches_the_answers(tiny_base):
+def _train_colours(base, steps: int):
+    """A rank-8 Dual-LoRA trained ``steps`` AdamW steps to answer red / blue; returns the examples,
+    their batch, the adapter and the losses."""
     # A random tiny model's lm_head (std 0.02 after a final RMSNorm) caps logits near ±1, so no
     # adapter could make any answer likely; sharpen it as training would have.
     with torch.no_grad():
-        tiny_base.model.lm_head.weight.mul_(25)
+        base.model.lm_head.weight.mul_(25)
     examples = [TrainingExample("What colour is it?", "red", [RED]), TrainingExample("What colour is it?", "blue", [BLUE])]
-    config = AdapterConfig(peft_type="DUAL_LORA", r=8, lora_alpha=16)
-    adapter = trainable_adapter(tiny_base, config, seed=0)
+    adapter = trainable_adapter(base, AdapterConfig(peft_type="DUAL_LORA", r=8, lora_alpha=16), seed=0)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
-    batch = build_batch(tiny_base, examples)
+    batch = build_batch(base, examples)
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         optimizer.zero_grad()
-        loss = adapter_loss(tiny_base, batch, adapter)
+        loss = adapter_loss(base, batch, adapter)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return examples, batch, adapter, losses
+
+
+def test_training_a_dual_lora_slot_teaches_the_answers(tiny_base):
+    examples, batch, adapter, losses = _train_colours(tiny_base, steps=60)
     assert losses[-1] < 0.1 * losses[0]
 
     # The trainable path (training) and the slot banks (serving) compute the same function.
@@ -94,19 +100,7 @@ def test_an_adapter_trains_on_a_bfloat16_base_in_float32(tiny_base_dir):
     from service.model.base import load_base
 
     base = load_base(tiny_base_dir, dtype=torch.bfloat16, n_slots=2, max_rank=8)
-    with torch.no_grad():
-        base.model.lm_head.weight.mul_(25)
-    examples = [TrainingExample("What colour is it?", "red", [RED]), TrainingExample("What colour is it?", "blue", [BLUE])]
-    adapter = trainable_adapter(base, AdapterConfig(peft_type="DUAL_LORA", r=8, lora_alpha=16), seed=0)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
-    batch = build_batch(base, examples)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = adapter_loss(base, batch, adapter)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    _, batch, adapter, losses = _train_colours(base, steps=30)
     assert all(p.dtype == torch.float32 and p.grad is not None for p in adapter.parameters())
     assert losses[-1] < 0.5 * losses[0]
 
