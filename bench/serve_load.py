@@ -117,14 +117,16 @@ def image_pools(clients: list[int], per_client: int, rounds: int, fresh: bool) -
 
 class Server:
     def __init__(self, model: Path, store: Path, data: Path, max_batch: int, max_wait_ms: float, dtype: str = "auto",
-                 extra_args: tuple[str, ...] = (), tree: Path = ROOT):
-        """``tree``: the checkout whose ``service`` package runs (e.g. a worktree of an older commit)."""
+                 extra_args: tuple[str, ...] = (), tree: Path = ROOT, env: dict[str, str] | None = None):
+        """``tree``: the checkout whose ``service`` package runs (e.g. a worktree of an older commit);
+        ``env``: variables set for the server process on top of this one's."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--model", str(model), "--adapter-dir", str(store),
              "--data-dir", str(data), "--port", str(self.port), "--log-level", "warning", "--dtype", dtype, *extra_args],
-            env={**os.environ, "SERVICE_MAX_BATCH_SIZE": str(max_batch), "SERVICE_MAX_WAIT_MS": str(max_wait_ms)},
+            env={**os.environ, "SERVICE_MAX_BATCH_SIZE": str(max_batch), "SERVICE_MAX_WAIT_MS": str(max_wait_ms),
+                 **(env or {})},
             cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 180

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_load import Server, make_adapters, measured, percentile, request_adapter, request_number, world_images  # noqa: E402
-from bench.serve_variants import parse_server, parse_tree, server_labels  # noqa: E402
+from bench.serve_variants import parse_server, parse_tree, server_command, server_labels  # noqa: E402
 
 SHORT_QUESTION, LONG_QUESTION = "What colour is the part?", "Describe the part and any defect on it."
 
@@ -133,9 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
         warm_up = mixed_bodies(2, 2, adapters, images, 2, 2, 2)
         servers: dict[str, Server] = {}
         try:
-            for i, (label, extra) in enumerate(args.server):
+            for i, (label, extra, env) in enumerate(args.server):
                 servers[label] = Server(model, store, Path(tmp) / f"data-{i}", 16, 10.0, "auto", tuple(extra),
-                                        tree=trees.get(label, ROOT))
+                                        tree=trees.get(label, ROOT), env=env)
                 run_mixed(servers[label].url, warm_up)  # loads the adapters
             for round_ in range(args.rounds):
                 for label in labels if round_ % 2 == 0 else reversed(labels):
@@ -161,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.requests_per_client} requests, every {args.long_every}th long ({args.long_tokens} tokens, else "
           f"{args.short_tokens}), {args.adapters} adapters + base, {args.rounds} rounds, {platform.machine()} "
           f"{os.cpu_count()} cores\n")
-    for label, extra in args.server:
-        print(f"- {label}: python -m service serve {shlex.join(extra)} (tree: {trees.get(label, ROOT)})")
+    for label, extra, env in args.server:
+        print(f"- {label}: {server_command(extra, env)} (tree: {trees.get(label, ROOT)})")
     print("\n| server | req/s | tokens/s | short p50 ms | short p95 ms | long p50 ms | long p95 ms | "
           "answer tokens short / long | server CPU ms/req |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")

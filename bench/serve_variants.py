@@ -11,7 +11,9 @@ and of the load generator (which shares the cores).
         [--load-generator http.client --load-generator httpx] [--clients 1 16] [--rounds 4]
 
 A server is ``LABEL=ARGS``: ARGS go to ``python -m service serve`` (``--dtype``, ``--http h11``,
-``--loop asyncio``, ``--max-batch-size 1``, ...); every server batches up to 16 rows with a 10 ms
+``--loop asyncio``, ``--max-batch-size 1``, ...), after any leading ``NAME=VALUE`` words, which
+set the server's environment as a shell would (``"passive=OMP_WAIT_POLICY=PASSIVE --dtype
+bfloat16"``); every server batches up to 16 rows with a 10 ms
 wait unless ARGS say otherwise. ``--tree LABEL=PATH`` runs that server from another checkout, e.g.
 an engine before a change (``git worktree add /tmp/before <commit>``).
 """
@@ -23,6 +25,7 @@ import concurrent.futures
 import logging
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -73,18 +76,32 @@ def run_load_httpx(url: str, clients: int, per_client: int, adapters: list[str],
 LOAD_GENERATORS = {"http.client": run_load, "httpx": run_load_httpx}
 
 
-def parse_server(text: str) -> tuple[str, list[str]]:
+ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def parse_server(text: str) -> tuple[str, list[str], dict[str, str]]:
+    """``LABEL=[NAME=VALUE ...] ARGS`` → label, server arguments, environment (as a shell reads it)."""
     label, sep, args = text.partition("=")
     if not sep or not label:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=ARGS, e.g. 'bf16=--dtype bfloat16'")
-    return label, shlex.split(args)
+    words, env = shlex.split(args), {}
+    while words and ENV_ASSIGNMENT.match(words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return label, words, env
 
 
-def server_labels(parser: argparse.ArgumentParser, servers: list[tuple[str, list[str]]],
+def server_command(extra: list[str], env: dict[str, str]) -> str:
+    """How a server was started, as a shell line."""
+    assignments = "".join(f"{name}={shlex.quote(value)} " for name, value in env.items())
+    return f"{assignments}python -m service serve {shlex.join(extra)}"
+
+
+def server_labels(parser: argparse.ArgumentParser, servers: list[tuple[str, list[str], dict[str, str]]],
                   trees: list[tuple[str, Path]]) -> tuple[list[str], dict[str, Path]]:
     """The servers' labels and ``{label: tree}``; exits with a usage error on a repeated label or a
     ``--tree`` for no server."""
-    labels = [label for label, _ in servers]
+    labels = [label for label, _, _ in servers]
     by_label = dict(trees)
     if len(set(labels)) != len(labels):
         parser.error("server labels must differ")
@@ -128,9 +145,9 @@ def main() -> None:
         images = world_images(32)
         servers: dict[str, Server] = {}
         try:
-            for i, (label, extra) in enumerate(args.server):
+            for i, (label, extra, env) in enumerate(args.server):
                 servers[label] = Server(args.model, store, Path(tmp) / f"data-{i}", 16, 10.0, "auto", tuple(extra),
-                                        tree=trees.get(label, ROOT))
+                                        tree=trees.get(label, ROOT), env=env)
                 run_load(servers[label].url, 2, 2, adapters, images, args.max_new_tokens)  # warm-up, loads adapters
             pairs = [(label, gen) for label in labels for gen in generators]
             for clients in args.clients:
@@ -146,8 +163,8 @@ def main() -> None:
     print(f"# serve variants: {args.model.name}, {args.adapters} adapters (rank {args.rank}) + base, "
           f"max_new_tokens {args.max_new_tokens}, {args.requests_per_client} requests per client, {args.rounds} rounds, "
           f"{platform.machine()} {os.cpu_count()} cores\n")
-    for label, extra in args.server:
-        print(f"- {label}: python -m service serve {shlex.join(extra)}" + (f" (tree: {trees[label]})" if label in trees else ""))
+    for label, extra, env in args.server:
+        print(f"- {label}: {server_command(extra, env)}" + (f" (tree: {trees[label]})" if label in trees else ""))
     print("\n| clients | server | load generator | throughput req/s (median) | rounds | p50 ms | server CPU ms/req | "
           "load generator CPU ms/req |")
     print("|---:|---|---|---:|---|---:|---:|---:|")
