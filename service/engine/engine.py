@@ -307,7 +307,7 @@ class Engine:
         return placed
 
     def _admit(self, rows: list[PendingRow]) -> None:
-        """Prefill ``rows`` as one group and merge them into the running batch."""
+        """Admit ``rows`` to the running batch (:meth:`RunningBatch.add`), or prefill them as one."""
         pinned = {req.slot for req in self._running.requests if req.slot} if self._running else set()
         placed = self._assign_slots(rows, pinned)
         if not placed:
@@ -322,9 +322,13 @@ class Engine:
             for row, slot in placed
         ]
         hits, misses = (self.prefixes.hits, self.prefixes.misses) if self.prefixes else (0, 0)
+        keys = [row for row, _ in placed]
         try:
-            group = RunningBatch.prefill(self.base, requests, cache=self.cache, keys=[row for row, _ in placed],
-                                         prefixes=self.prefixes)
+            if self._running:
+                self._running.add(requests, cache=self.cache, keys=keys, prefixes=self.prefixes)
+            else:
+                self._running = RunningBatch.prefill(self.base, requests, cache=self.cache, keys=keys,
+                                                     prefixes=self.prefixes)
         except Exception as exc:  # one bad row must not fail the others: admit them one by one
             if len(placed) > 1:
                 log.warning("prefill of %d rows failed (%s); admitting them one by one", len(placed), exc)
@@ -341,10 +345,6 @@ class Engine:
                 metrics.PREFIX_CACHE_BYTES.set(self.prefixes.nbytes)
         for row, _ in placed:
             row.started = started
-        if self._running:
-            self._running.merge(group)
-        else:
-            self._running = group
         self._last_batch_size = len(self._running)
 
     def _step(self) -> None:
@@ -354,7 +354,7 @@ class Engine:
         try:
             finished = self._running.step()
         except Exception as exc:
-            rows = [row.key for row in self._running.rows]
+            rows = self._running.keys  # (rows waiting to join included)
             self._running = None
             log.exception("decode step of %d rows failed", len(rows))
             for row in rows:

@@ -23,7 +23,17 @@ from PIL import Image
 from transformers.cache_utils import Cache
 
 from service.model.base import BaseModel
-from service.model.kv_cache import ReservedCache, compact_rows, drop_leading_columns, is_growing, left_pad, stack_rows
+from service.model.kv_cache import (
+    ReservedCache,
+    ReservedLayer,
+    append_rows,
+    compact_rows,
+    drop_leading_columns,
+    is_growing,
+    left_pad,
+    stack_rows,
+    widen,
+)
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
 from service.model.lru import SizedLRU
@@ -33,6 +43,7 @@ from service.model.prefix_cache import (
     cache_of_prefixes,
     prefix_key,
     prefix_length,
+    prefix_rows,
     read_prefix,
     supports_prefixes,
 )
@@ -299,12 +310,68 @@ def _new_rows(keys: list[Any], requests: list[GenerationRequest], ids: list[list
     return rows
 
 
+@dataclass
+class _Joiner:
+    """A row admitted over its cached image prefix, whose prompt's rest runs in the next step."""
+
+    row: _Row
+    entry: PrefixEntry
+    rest: list[int]  # the prompt's token ids after the prefix
+
+
+@dataclass
+class _Plan:
+    """What a group of requests needs before its forward passes: each prompt's ids and image
+    hashes, which rows' image prefixes are cached (``hits``) and which are to be (``missed``:
+    row -> (prefix key, prefix length))."""
+
+    ids: list[list[int]]
+    image_keys: list[list[str]]
+    hits: dict[int, PrefixEntry]
+    missed: dict[int, tuple[str, int]]
+
+    def subset(self, rows: list[int]) -> _Plan:
+        """The plan of ``rows`` alone, renumbered in their order."""
+        new = {old: j for j, old in enumerate(rows)}
+        return _Plan([self.ids[i] for i in rows], [self.image_keys[i] for i in rows],
+                     {new[i]: e for i, e in self.hits.items() if i in new},
+                     {new[i]: m for i, m in self.missed.items() if i in new})
+
+
+def _plan(base: BaseModel, requests: list[GenerationRequest], prefixes: PrefixCache | None,
+          adapter: AdapterWeights | None) -> _Plan:
+    """Tokenise (unless checked already), check lengths and look up each row's image prefix."""
+    ids = [r.prompt_ids if r.prompt_ids is not None else encode_prompt(base, r.instruction, len(r.images))
+           for r in requests]
+    for row, req in zip(ids, requests, strict=True):
+        _check_length(base, len(row), req.max_new_tokens)
+    image_keys = [r.image_keys if r.image_keys is not None else [image_key(im) for im in r.images]
+                  for r in requests]
+    plan = _Plan(ids, image_keys, {}, {})
+    if prefixes is not None and adapter is None and supports_prefixes(base.model.config):
+        for i, (req, row) in enumerate(zip(requests, ids, strict=True)):
+            n = prefix_length(row, base.image_token_id)
+            if req.prefix_scope is None or n in (0, len(row)):  # (no image, or nothing after it to run)
+                continue
+            key = prefix_key(req.prefix_scope, row[:n], image_keys[i])
+            entry = prefixes.get(key)
+            if entry is None:
+                plan.missed[i] = (key, n)
+            else:
+                plan.hits[i] = entry
+    return plan
+
+
 class RunningBatch:
-    """Rows decoding together, one token per :meth:`step`; rows can join (:meth:`merge`) between steps.
+    """Rows decoding together, one token per :meth:`step`; rows can join (:meth:`add`) between steps.
 
     This is iteration-level scheduling (Orca, vLLM's continuous batching) on a left-padded KV
-    cache: a row that finishes leaves at once, and requests that arrive meanwhile are prefilled
-    as a group and merged in, instead of waiting for the whole batch to end.
+    cache: a row that finishes leaves at once, and requests that arrive meanwhile join the running
+    rows instead of waiting for the whole batch to end. A newcomer whose image prefix is cached
+    runs the rest of its prompt in the running rows' next decode pass (prefill tokens riding along
+    with decode tokens, as in Sarathi's and vLLM's chunked prefill): one forward pass instead of
+    two, and its keys and values written into spare rows of the cache, without copying the running
+    rows'. Other newcomers are prefilled as a group and merged in (:meth:`merge`).
 
     State, for the ``B`` rows still decoding: the KV cache ``[B, heads, T, head_dim]`` per layer,
     ``mask [B, T]`` (0 on left padding), ``positions [B, 1]`` (each row's last position), ``slots
@@ -315,6 +382,7 @@ class RunningBatch:
                  slots: torch.Tensor, logits: torch.Tensor, adapter: AdapterWeights | None):
         self.base, self.rows, self.cache, self.mask = base, rows, cache, mask
         self.positions, self.slots, self.logits, self.adapter = positions, slots, logits, adapter
+        self.joining: list[_Joiner] = []  # rows admitted by :meth:`add` whose prompts run at the next step
 
     @classmethod
     @torch.no_grad()
@@ -337,34 +405,24 @@ class RunningBatch:
         """
         t0 = time.perf_counter()
         keys = list(keys) if keys is not None else list(range(len(requests)))
-        ids = [r.prompt_ids if r.prompt_ids is not None else encode_prompt(base, r.instruction, len(r.images))
-               for r in requests]
-        for row, req in zip(ids, requests, strict=True):
-            _check_length(base, len(row), req.max_new_tokens)
-        image_keys = [r.image_keys if r.image_keys is not None else [image_key(im) for im in r.images]
-                      for r in requests]
-        hits: dict[int, PrefixEntry] = {}
-        missed: dict[int, tuple[str, int]] = {}  # row -> (prefix key, prefix length) to cache
-        if prefixes is not None and adapter is None and supports_prefixes(base.model.config):
-            for i, (req, row) in enumerate(zip(requests, ids, strict=True)):
-                n = prefix_length(row, base.image_token_id)
-                if req.prefix_scope is None or n in (0, len(row)):  # (no image, or nothing after it to run)
-                    continue
-                key = prefix_key(req.prefix_scope, row[:n], image_keys[i])
-                entry = prefixes.get(key)
-                if entry is None:
-                    missed[i] = (key, n)
-                else:
-                    hits[i] = entry
+        plan = _plan(base, requests, prefixes, adapter)
+        return cls._prefill_planned(base, requests, keys, plan, cache, adapter, prefixes, t0)
+
+    @classmethod
+    def _prefill_planned(cls, base: BaseModel, requests: list[GenerationRequest], keys: list[Any], plan: _Plan,
+                         cache: ImageFeatureCache | None, adapter: AdapterWeights | None,
+                         prefixes: PrefixCache | None, t0: float) -> RunningBatch:
+        """:meth:`prefill` once the rows are planned: whole prompts first, then the prefix hits."""
+        ids, hits = plan.ids, plan.hits
         batch: RunningBatch | None = None
         full = [i for i in range(len(requests)) if i not in hits]
         if full:
             batch = cls._prefill_prompts(base, [requests[i] for i in full], [ids[i] for i in full],
-                                         [image_keys[i] for i in full], [keys[i] for i in full], cache, adapter, t0)
+                                         [plan.image_keys[i] for i in full], [keys[i] for i in full], cache, adapter, t0)
             width = batch.mask.shape[1]
             for j, i in enumerate(full):
-                if i in missed:
-                    key, n = missed[i]
+                if i in plan.missed:
+                    key, n = plan.missed[i]
                     prefixes.put(key, read_prefix(batch.cache, j, width - len(ids[i]), n))
         if hits:
             rest = sorted(hits)
@@ -402,31 +460,52 @@ class RunningBatch:
     @classmethod
     def _prefill_after_prefixes(cls, base: BaseModel, requests: list[GenerationRequest], ids: list[list[int]],
                                 entries: list[PrefixEntry], keys: list[Any], t0: float) -> RunningBatch:
-        """The prompts after their cached prefixes (``entries``), attending to them.
-
-        Each row's positions are ``[padding, its prefix][padding, the rest of its prompt]``: the
-        mask hides both paddings and the position ids count only real tokens, so each row sees
-        exactly what its whole prompt, run alone, would have.
-        """
-        cache, prefix_mask = cache_of_prefixes(base.model.config, entries)
-        rest = [row[entry.length :] for row, entry in zip(ids, entries, strict=True)]
-        embeds, rest_mask = embed_prompts(base, rest, [[] for _ in rest])
-        mask = torch.cat([prefix_mask, rest_mask], dim=1)
-        positions = left_padded_positions(mask)[:, prefix_mask.shape[1] :]
-        slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
+        """The prompts after their cached prefixes (``entries``), attending to them (see
+        :func:`_forward_after_prefixes`)."""
+        rests = [row[entry.length :] for row, entry in zip(ids, entries, strict=True)]
         t1 = time.perf_counter()
-        out = _forward(base, slots, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       logits_to_keep=1, cache=cache)
+        cache, mask, positions, slots, logits = _forward_after_prefixes(base, requests, rests, entries)
         t2 = time.perf_counter()
         rows = _new_rows(keys, requests, ids, RowTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0, len(requests)))
-        return cls(base, rows, out.cache, mask, positions[:, -1:], slots, out.logits[:, -1], None)
+        return cls(base, rows, cache, mask, positions, slots, logits, None)
+
+    def add(self, requests: list[GenerationRequest], cache: ImageFeatureCache | None = None,
+            keys: list[Any] | None = None, prefixes: PrefixCache | None = None) -> None:
+        """Admit ``requests`` (on the slots) to the running rows, ``keys`` as in :meth:`prefill`.
+
+        Rows whose image prefix is cached join the next :meth:`step`'s forward pass, when the
+        cache allows (every layer a :class:`~service.model.kv_cache.ReservedLayer`); the others are
+        prefilled now, as one group, and merged. Raises as :meth:`prefill` does, before changing
+        anything.
+        """
+        if self.adapter is not None or not self.can_merge:
+            raise ValueError("rows join only batches on the slots with plain growing KV caches")
+        t0 = time.perf_counter()
+        keys = list(keys) if keys is not None else list(range(len(requests)))
+        plan = _plan(self.base, requests, prefixes, None)
+        if not all(isinstance(layer, ReservedLayer) for layer in self.cache.layers):
+            plan.hits.clear()  # (run them whole; their prefixes were looked up, not missed)
+        full = [i for i in range(len(requests)) if i not in plan.hits]
+        if full:
+            group = self._prefill_planned(self.base, [requests[i] for i in full], [keys[i] for i in full],
+                                          plan.subset(full), cache, None, prefixes, t0)
+            self.merge(group)
+        for i in sorted(plan.hits):
+            entry = plan.hits[i]
+            row, = _new_rows([keys[i]], [requests[i]], [plan.ids[i]], RowTiming(batch_size=len(self) + 1))
+            self.joining.append(_Joiner(row, entry, plan.ids[i][entry.length :]))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.joining)
 
     @property
     def requests(self) -> list[GenerationRequest]:
-        return [row.request for row in self.rows]
+        return [row.request for row in self.rows] + [joiner.row.request for joiner in self.joining]
+
+    @property
+    def keys(self) -> list[Any]:
+        """The keys of every row, those waiting to join included."""
+        return [row.key for row in self.rows] + [joiner.row.key for joiner in self.joining]
 
     @property
     def can_merge(self) -> bool:
@@ -438,6 +517,8 @@ class RunningBatch:
         """Append ``other``'s rows (e.g. just prefilled); both caches are left-padded to one width."""
         if other.adapter is not self.adapter:
             raise ValueError("only batches on the same trainable adapter (or the slots) can merge")
+        if other.joining:
+            raise ValueError("a batch with rows waiting to join cannot be merged")
         if not (self.can_merge and other.can_merge):
             raise ValueError("only plain growing KV caches can merge")
         width = max(self.mask.shape[1], other.mask.shape[1])
@@ -489,16 +570,83 @@ class RunningBatch:
                 position = {i: j for j, i in enumerate(live_index)}  # every kept row was live
                 tokens = tokens[torch.tensor([position[i] for i in order], device=tokens.device)]
             self.rows = [self.rows[i] for i in order]
-        if self.rows:
+        joined = [joiner.row for joiner in self.joining]
+        if self.joining:
+            self._join(tokens)
+        elif self.rows:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             self.positions = self.positions + 1
             out = _forward(self.base, self.slots, self.adapter, input_ids=tokens.unsqueeze(1),
                            attention_mask=self.mask, position_ids=self.positions, cache=self.cache)
             self.logits = out.logits[:, -1]
         elapsed = (time.perf_counter() - started) * 1e3
-        for row in (*finished, *self.rows):
+        for row in (*finished, *self.rows[: len(self.rows) - len(joined)]):
             row.timing.decode_ms += elapsed
+        for row in joined:
+            row.timing.prefill_ms += elapsed
         return [(row.key, row.result(self.base)) for row in finished]
+
+    def _join(self, tokens: torch.Tensor) -> None:
+        """One forward pass over the running rows' next ``tokens [B]`` and the joiners' prompts
+        after their cached prefixes; then the joiners are rows like the others.
+
+        The pass is ``L`` positions wide, ``L`` the longest joiner's rest: each running row's token
+        sits in the last position, after ``L - 1`` masked ones (left behind in its cache, masked
+        for good), and each joiner's rest is right-aligned, its prefix written into the cache's
+        next rows, right-aligned to the cache's width (the cache is widened first if a prefix is
+        longer). Every position has some unmasked key before it, so no masked one reads garbage.
+        """
+        joining = self.joining
+        entries = [joiner.entry for joiner in joining]
+        if not self.rows:  # every running row finished: the joiners run alone
+            self.cache, self.mask, self.positions, self.slots, self.logits = _forward_after_prefixes(
+                self.base, [j.row.request for j in joining], [j.rest for j in joining], entries)
+            self.rows, self.joining = [j.row for j in joining], []
+            return
+        device, running = self.mask.device, len(self.rows)
+        width = max(self.mask.shape[1], *(entry.length for entry in entries))
+        span = max(len(joiner.rest) for joiner in joining)
+        if width > self.mask.shape[1]:
+            widen(self.cache, width)
+            self.mask = left_pad(self.mask, width, 1)
+        kv, prefix_mask = prefix_rows(entries, width)
+        append_rows(self.cache, kv, room=span)
+        pad = self.base.tokenizer.pad_token_id if self.base.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((running + len(joining), span), pad, dtype=torch.long, device=device)
+        new_mask = torch.zeros((running + len(joining), span), dtype=self.mask.dtype, device=device)
+        ids[:running, -1], new_mask[:running, -1] = tokens, 1
+        for j, joiner in enumerate(joining, start=running):
+            ids[j, span - len(joiner.rest) :] = torch.tensor(joiner.rest, device=device)
+            new_mask[j, span - len(joiner.rest) :] = 1
+        mask = torch.cat([torch.cat([self.mask, prefix_mask.to(device)]), new_mask], dim=1)
+        positions = left_padded_positions(mask)[:, -span:]
+        slots = torch.cat([self.slots, torch.tensor([j.row.request.slot for j in joining], device=device)])
+        out = _forward(self.base, slots, None, input_ids=ids, attention_mask=mask, position_ids=positions,
+                       logits_to_keep=1, cache=self.cache)
+        self.mask, self.positions, self.slots, self.logits = mask, positions[:, -1:], slots, out.logits[:, -1]
+        self.rows, self.joining = self.rows + [joiner.row for joiner in joining], []
+        for row in self.rows:
+            row.timing.batch_size = max(row.timing.batch_size, len(self.rows))
+
+
+def _forward_after_prefixes(base: BaseModel, requests: list[GenerationRequest], rests: list[list[int]],
+                            entries: list[PrefixEntry]) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass over ``rests`` (the prompts after their cached prefixes ``entries``), on
+    the requests' slots; the state of a :class:`RunningBatch` of those rows: its cache, ``mask``,
+    ``positions [B, 1]``, ``slots`` and ``logits [B, V]``.
+
+    Each row's positions are ``[padding, its prefix][padding, the rest of its prompt]``: the
+    mask hides both paddings and the position ids count only real tokens, so each row sees
+    exactly what its whole prompt, run alone, would have.
+    """
+    cache, prefix_mask = cache_of_prefixes(base.model.config, entries)
+    embeds, rest_mask = embed_prompts(base, rests, [[] for _ in rests])
+    mask = torch.cat([prefix_mask, rest_mask], dim=1)
+    positions = left_padded_positions(mask)[:, prefix_mask.shape[1] :]
+    slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=base.device)
+    out = _forward(base, slots, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=1, cache=cache)
+    return out.cache, mask, positions[:, -1:], slots, out.logits[:, -1]
 
 
 def _forward(base: BaseModel, slots: torch.Tensor, adapter: AdapterWeights | None, **inputs):

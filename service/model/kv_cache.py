@@ -7,10 +7,11 @@ ahead of the matmuls. :class:`ReservedLayer` keeps its keys/values in a buffer w
 ``reserve`` more positions and writes new tokens in place; it copies only when the room runs out
 (once every ``reserve`` steps).
 
-Rows leaving (:meth:`ReservedLayer.batch_select_indices`), leading padding columns dropped
-(:meth:`ReservedLayer.drop_leading`) and rows joining (:func:`stack_rows`) keep room: a row
-selection copies the buffer once, a column drop is a view, a join writes both groups into one
-new buffer.
+Rows leaving (:meth:`ReservedLayer.batch_select_indices`, :meth:`ReservedLayer.move_rows`),
+leading padding columns dropped (:meth:`ReservedLayer.drop_leading`) and rows joining keep room:
+a row selection copies the buffer once, moving rows copies only the rows that move, a column drop
+is a view, and a join either writes both groups into one new buffer (:func:`stack_rows`) or, when
+the buffer has spare rows and room, writes only the newcomers into it (:func:`append_rows`).
 """
 
 from __future__ import annotations
@@ -22,27 +23,39 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 DEFAULT_RESERVE = 32
 """Positions of room a layer keeps ahead of its length (a copy every this many decode steps)."""
 
+DEFAULT_ROW_ROOM = 8
+"""Spare rows a layer keeps when rows are appended, so that the next newcomers need no copy."""
+
 
 class ReservedLayer(DynamicLayer):
     """A growing KV-cache layer over ``[B, kv_heads, capacity, head_dim]`` buffers.
 
-    ``keys`` / ``values`` read as the filled columns ``[B, kv_heads, length, head_dim]`` (views of
-    the buffers); assigning either (as a merge of two caches does) replaces that buffer, without
-    room. Each keeps its own span, so they can be assigned in any order.
+    ``keys`` / ``values`` read as the filled rows and columns ``[B, kv_heads, length, head_dim]``
+    (views of the buffers, which may hold spare rows below and room to the right); assigning
+    either (as a merge of two caches does) replaces that buffer, without room. Each keeps its own
+    span, so they can be assigned in any order.
     """
 
     def __init__(self, reserve: int = DEFAULT_RESERVE, **kwargs):
         self.reserve = reserve
         self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self._spans: dict[str, tuple[int, int]] = {"keys": (0, 0), "values": (0, 0)}
+        self._rows: int | None = None  # rows in use when the buffers have spare ones; None: all
         super().__init__(**kwargs)
 
     def _filled(self, name: str) -> torch.Tensor | None:
         buffer = self._buffers[name]
         start, end = self._spans[name]
-        return None if buffer is None else buffer[..., start:end, :]
+        if buffer is None:
+            return None
+        return (buffer if self._rows is None else buffer[: self._rows])[..., start:end, :]
 
     def _replace(self, name: str, tensor: torch.Tensor | None) -> None:
+        if self._rows is not None:  # (the other buffer keeps its rows in use)
+            other = "values" if name == "keys" else "keys"
+            if self._buffers[other] is not None:
+                self._buffers[other] = self._buffers[other][: self._rows]
+            self._rows = None
         self._buffers[name] = tensor
         self._spans[name] = (0, 0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2])
 
@@ -55,24 +68,27 @@ class ReservedLayer(DynamicLayer):
         """Write ``key_states`` / ``value_states [B, kv_heads, n, head_dim]`` after the filled columns."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        rows = self._rows
         for name, new in (("keys", key_states), ("values", value_states)):
             buffer, (start, end) = self._buffers[name], self._spans[name]
             n = new.shape[-2]
             if end == start or end + n > buffer.shape[-2]:
                 filled = self._filled(name) if end > start else None
-                buffer = self._allocate(new, filled, n)
+                spare = buffer.shape[0] if filled is not None else new.shape[0]  # (keep any spare rows)
+                buffer = self._allocate(new, filled, n, spare)
                 start, end = 0, 0 if filled is None else filled.shape[-2]
-            buffer[..., end : end + n, :] = new
+            (buffer if rows is None else buffer[:rows])[..., end : end + n, :] = new
             self._buffers[name], self._spans[name] = buffer, (start, end + n)
         return self.keys, self.values
 
-    def _allocate(self, new: torch.Tensor, filled: torch.Tensor | None, n: int) -> torch.Tensor:
-        """A buffer holding ``filled`` (or nothing) with room for ``n`` + ``reserve`` more columns."""
+    def _allocate(self, new: torch.Tensor, filled: torch.Tensor | None, n: int, rows: int) -> torch.Tensor:
+        """A buffer of ``rows`` rows holding ``filled`` (or nothing) in its first rows, with room for
+        ``n`` + ``reserve`` more columns."""
         batch, heads, _, dim = new.shape
         keep = 0 if filled is None else filled.shape[-2]
-        buffer = new.new_empty(batch, heads, keep + n + self.reserve, dim)
+        buffer = new.new_empty(max(rows, batch), heads, keep + n + self.reserve, dim)
         if filled is not None:
-            buffer[..., :keep, :] = filled
+            buffer[:batch, :, :keep] = filled
         return buffer
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
@@ -82,20 +98,64 @@ class ReservedLayer(DynamicLayer):
             self.lazy_initialization(keys, values)
         for name, buffer in (("keys", keys), ("values", values)):
             self._buffers[name], self._spans[name] = buffer, (0, length)
+        self._rows = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices``, and the room."""
         if self.get_seq_length() > 0:
             for name, buffer in self._buffers.items():
-                self._buffers[name] = buffer[indices]
+                self._buffers[name] = (buffer if self._rows is None else buffer[: self._rows])[indices]
+            self._rows = None
 
     def move_rows(self, targets: torch.Tensor, sources: torch.Tensor, n_rows: int) -> None:
-        """Copy rows ``sources`` over rows ``targets``, then keep the first ``n_rows`` (a view)."""
+        """Copy rows ``sources`` over rows ``targets``, then keep the first ``n_rows`` (the rows
+        after them stay in the buffers as spare rows)."""
         if self.get_seq_length() > 0:
-            for name, buffer in self._buffers.items():
+            for buffer in self._buffers.values():
                 if len(targets):
                     buffer[targets] = buffer[sources]
-                self._buffers[name] = buffer[:n_rows]
+            self._rows = n_rows
+
+    def widen(self, width: int) -> None:
+        """Left-pad every row with zeros to ``width`` filled positions (the mask hides them): in
+        place when the buffers have that many forgotten columns before the filled ones (see
+        :meth:`drop_leading`), else into new buffers with room."""
+        for name, (start, end) in self._spans.items():
+            extra = width - (end - start)
+            if extra <= 0:
+                continue
+            buffer, rows = self._buffers[name], self._rows
+            if start < extra:
+                filled = self._filled(name)
+                _, heads, _, dim = filled.shape
+                buffer = filled.new_empty(buffer.shape[0], heads, width + self.reserve, dim)
+                buffer[: len(filled), :, extra:width] = filled
+                start, end = extra, width
+                self._buffers[name] = buffer
+            (buffer if rows is None else buffer[:rows])[:, :, start - extra : start].zero_()
+            self._spans[name] = (start - extra, end)
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Add rows ``keys`` / ``values [n, kv_heads, length, head_dim]`` below the rows present,
+        ``length`` being this layer's filled length (pad them on the left to it), and make sure of
+        ``room`` free positions after it. The rows present are copied only when the buffers lack
+        the spare rows or the room; a new buffer gets :data:`DEFAULT_ROW_ROOM` spare rows and
+        ``room`` + ``reserve`` positions of room."""
+        n = keys.shape[0]
+        rows = self.keys.shape[0]
+        for name, part in (("keys", keys), ("values", values)):
+            buffer, (start, end) = self._buffers[name], self._spans[name]
+            if part.shape[-2] != end - start:
+                raise ValueError(f"new rows have {part.shape[-2]} positions, the cache {end - start}")
+            if buffer.shape[0] < rows + n or buffer.shape[-2] - end < room:
+                filled = self._filled(name)
+                batch, heads, width, dim = filled.shape
+                buffer = filled.new_empty(rows + n + DEFAULT_ROW_ROOM, heads, width + room + self.reserve, dim)
+                buffer[:rows, :, :width] = filled
+                start, end = 0, width
+            buffer[rows : rows + n, :, start:end] = part
+            self._buffers[name], self._spans[name] = buffer, (start, end)
+        self._rows = rows + n
 
     def drop_leading(self, n: int) -> None:
         """Forget the first ``n`` filled columns (padding no row needs any more); a view, no copy."""
@@ -114,6 +174,7 @@ class ReservedLayer(DynamicLayer):
                 buffer[rows, :, :pad].zero_()  # (the room after ``width`` is written before it is read)
                 buffer[rows, :, pad:width] = part
             self._buffers[name], self._spans[name] = buffer, (0, width)
+        self._rows = None
 
 
 class ReservedCache(DynamicCache):
@@ -150,6 +211,20 @@ def stack_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
         else:
             mine.keys = torch.cat([left_pad(mine.keys, width, -2), left_pad(theirs.keys, width, -2)])
             mine.values = torch.cat([left_pad(mine.values, width, -2), left_pad(theirs.values, width, -2)])
+
+
+def append_rows(cache: DynamicCache, rows: torch.Tensor, room: int) -> None:
+    """Add ``rows [layers, 2 (keys, values), n, kv_heads, length, head_dim]`` below every layer's
+    rows (all :class:`ReservedLayer`, ``length`` their filled length), with ``room`` positions free
+    after it (see :meth:`ReservedLayer.append_rows`)."""
+    for index, layer in enumerate(cache.layers):
+        layer.append_rows(rows[index, 0], rows[index, 1], room)
+
+
+def widen(cache: DynamicCache, width: int) -> None:
+    """Left-pad every layer of ``cache`` (all :class:`ReservedLayer`) to ``width`` positions."""
+    for layer in cache.layers:
+        layer.widen(width)
 
 
 def compact_rows(cache: DynamicCache, keep: list[int]) -> list[int]:

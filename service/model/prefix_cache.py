@@ -84,6 +84,25 @@ def read_prefix(cache: Cache, row: int, start: int, length: int) -> PrefixEntry:
                                     for layer in cache.layers]))
 
 
+def prefix_rows(entries: list[PrefixEntry], width: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``entries`` side by side, right-aligned to ``width`` positions (at least the longest).
+
+    Returns ``kv [layers, 2, len(entries), kv_heads, width + room, head_dim]`` (zeros on each row's
+    left padding; the ``room`` columns after ``width`` are not written) and ``mask [len(entries),
+    width]`` (1 on cached positions). Each row is a single copy.
+    """
+    layers, _, heads, _, dim = entries[0].kv.shape
+    buffer = entries[0].kv.new_empty(layers, 2, len(entries), heads, width + room, dim)
+    mask = torch.zeros(len(entries), width, dtype=torch.long, device=buffer.device)
+    for i, entry in enumerate(entries):
+        pad = width - entry.length
+        if pad:
+            buffer[:, :, i, :, :pad].zero_()
+        buffer[:, :, i, :, pad:width] = entry.kv
+        mask[i, pad:] = 1
+    return buffer, mask
+
+
 def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry],
                       room: int = DEFAULT_RESERVE) -> tuple[Cache, torch.Tensor]:
     """A batch KV cache holding ``entries``, one per row, right-aligned to the longest.
@@ -94,15 +113,7 @@ def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry],
     single copy.
     """
     width = max(e.length for e in entries)
-    layers, _, heads, _, dim = entries[0].kv.shape
-    buffer = entries[0].kv.new_empty(layers, 2, len(entries), heads, width + room, dim)
-    mask = torch.zeros(len(entries), width, dtype=torch.long, device=buffer.device)
-    for i, entry in enumerate(entries):
-        pad = width - entry.length
-        if pad:
-            buffer[:, :, i, :, :pad].zero_()
-        buffer[:, :, i, :, pad:width] = entry.kv
-        mask[i, pad:] = 1
+    buffer, mask = prefix_rows(entries, width, room)
     cache = ReservedCache(config, reserve=room)
     for index, layer in enumerate(cache.layers):
         layer.adopt(buffer[index, 0], buffer[index, 1], width)

@@ -267,6 +267,29 @@ def test_a_newcomer_joins_after_max_join_steps_even_alone(make_engine, tiny_base
     assert done_at[0] - submitted_at >= 5 + 4  # waited 5 steps, then decoded its 4 tokens
 
 
+def test_a_newcomer_over_a_cached_prefix_runs_in_the_running_rows_decode_pass(make_engine, tiny_base, monkeypatch):
+    """A question on an image already asked about joins a running batch without a prefill pass of
+    its own: its prompt's rest rides along with the running row's next decode token."""
+    from service.model.generate import RunningBatch
+
+    bias_eos(tiny_base, -1e4)
+    engine = make_engine(max_batch_size=8, max_wait_ms=0)
+    question = AnswerJob("What colour?", [GREEN], None, 4)
+    alone = engine.answer(question)  # (GREEN's prefix on the base is cached now)
+    joined: list[int] = []
+    join = RunningBatch._join
+    monkeypatch.setattr(RunningBatch, "_join", lambda batch, tokens: (joined.append(len(batch.joining)), join(batch, tokens)))
+    tokens: list[str] = []
+    long = engine.submit(AnswerJob("Describe", [RED], None, 150), on_text=tokens.append)
+    assert wait_until(lambda: len(tokens) >= 3)
+    hits = engine.prefixes.hits
+    result = engine.submit(question).future.result(timeout=60)
+    assert result["answer"] == alone["answer"] and result["usage"] == alone["usage"]
+    assert joined == [1] and engine.prefixes.hits == hits + 1
+    assert not long.future.done() and result["timing_ms"]["batch_size"] == 2
+    assert long.future.result(timeout=60)["usage"]["completion_tokens"] == 150
+
+
 def test_image_prefixes_are_reused_but_never_across_adapters_sharing_a_slot(make_engine, tiny_base, tmp_path):
     """Questions on one image and adapter reuse its prefix; a slot refilled by another adapter (or
     the same one loaded again) starts afresh, and every answer equals an engine without the cache."""

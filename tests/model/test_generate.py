@@ -208,3 +208,76 @@ def test_a_checked_request_is_not_tokenised_or_hashed_again(tiny_base, monkeypat
     for _ in range(2):  # the prefixes missed, then hit
         assert [r.token_ids for r in generate(tiny_base, requests, prefixes=prefixes)] == want
     assert prefixes.hits == 2
+
+
+JOINS = {
+    # (running rows, decode steps before the join, how many of the newcomers join):
+    # running rows wider than the joiners' prefixes (one with two images) / text only, with only
+    # prefix hits joining (the cache is widened for them) / done at the join step (the joiners
+    # run alone)
+    "running-wider": ([("Where is it?", 2, 1, 6), ("Describe", 0, 0, 6)], 2, 4),
+    "running-narrower": ([("Describe it", 0, 3, 5), ("Where?", 0, 2, 6)], 1, 2),
+    "running-done": ([("Describe it", 0, 3, 1), ("What colour?", 1, 0, 1)], 0, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(JOINS))
+def test_rows_joining_over_cached_prefixes_equal_each_request_alone(tiny_base, case):
+    """Newcomers whose image prefixes are cached run their prompts' rest in the running rows' next
+    decode pass (one forward pass for both); a newcomer without a cached prefix is prefilled
+    and merged as before. Every row decodes exactly as it would alone."""
+    from service.model.prefix_cache import PrefixCache
+
+    bias_eos(tiny_base, -1e4)
+    load_random_adapters(tiny_base)
+    ims = images()
+    first_spec, steps, n_joining = JOINS[case]
+    first = [GenerationRequest(text, ims[:n], slot=slot, max_new_tokens=m, prefix_scope=f"slot-{slot}")
+             for text, n, slot, m in first_spec]
+    joiners = [GenerationRequest("What colour is the part?", [ims[0], ims[1]], slot=1, max_new_tokens=5, prefix_scope="slot-1"),
+               GenerationRequest("Colour?", [ims[2]], slot=0, max_new_tokens=3, prefix_scope="slot-0"),
+               GenerationRequest("How many?", [ims[1]], slot=2, max_new_tokens=4, prefix_scope="slot-2"),  # missed
+               GenerationRequest("Hi", [], slot=3, max_new_tokens=2, prefix_scope="slot-3")][:n_joining]  # no image
+    keys = ["f0", "f1", "j0", "j1", "j2", "j3"][: 2 + n_joining]
+    prefixes = PrefixCache()
+    generate(tiny_base, joiners[:2], prefixes=prefixes)  # their prefixes are cached now
+    batch = RunningBatch.prefill(tiny_base, first, keys=["f0", "f1"], prefixes=prefixes)
+    got = {}
+    for _ in range(steps):
+        got.update(batch.step())
+    width = batch.mask.shape[1]
+    batch.add(joiners, keys=keys[2:], prefixes=prefixes)
+    assert [j.row.key for j in batch.joining] == ["j0", "j1"] and len(batch) == len(keys)
+    assert sorted(batch.keys) == keys
+    if case == "running-narrower":
+        assert width < max(j.entry.length for j in batch.joining)
+    while batch:
+        got.update(batch.step())
+    assert set(got) == set(keys)
+    for key, req in zip(keys, first + joiners, strict=True):
+        alone = generate(tiny_base, [GenerationRequest(req.instruction, req.images, slot=req.slot,
+                                                       max_new_tokens=req.max_new_tokens)])[0]
+        assert got[key].token_ids == alone.token_ids and len(alone.token_ids) == req.max_new_tokens, key
+        assert got[key].prompt_tokens == alone.prompt_tokens
+    assert got["j0"].timing.prefill_ms > 0 and got["j0"].timing.batch_size >= 4
+
+
+def test_rows_joining_over_cached_prefixes_do_not_copy_the_running_rows(tiny_base):
+    """The point of joining in the decode pass: once the cache has spare rows and room, the running
+    rows' keys and values stay where they are when newcomers join."""
+    from service.model.prefix_cache import PrefixCache
+
+    bias_eos(tiny_base, -1e4)
+    ims = images()
+    ask = [GenerationRequest(q, [im], max_new_tokens=8, prefix_scope="base") for q in ("Colour?", "Where?") for im in ims]
+    prefixes = PrefixCache()
+    generate(tiny_base, ask, prefixes=prefixes)
+    batch = RunningBatch.prefill(tiny_base, ask[:2], prefixes=prefixes)
+    batch.add(ask[2:3], keys=[2], prefixes=prefixes)
+    batch.step()  # the first join makes a buffer with spare rows
+    buffers = [layer._buffers["keys"].data_ptr() for layer in batch.cache.layers]
+    for i in (3, 4):
+        batch.add(ask[i : i + 1], keys=[i], prefixes=prefixes)
+        batch.step()
+        assert [layer._buffers["keys"].data_ptr() for layer in batch.cache.layers] == buffers
+    assert len(batch.rows) == 5

@@ -7,12 +7,15 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from service.model.kv_cache import (
+    DEFAULT_ROW_ROOM,
     ReservedCache,
     ReservedLayer,
+    append_rows,
     compact_rows,
     drop_leading_columns,
     is_growing,
     stack_rows,
+    widen,
 )
 
 
@@ -51,6 +54,15 @@ PROGRAMS = {
     "rows join, keys assigned first": [("prefill", 2, 3), ("step",), ("merge", 2, 9, "keys first"), ("step",)],
     "rows join, values assigned first": [("prefill", 2, 9), ("merge", 1, 4, "values first"), ("step",)],
     "crop": [("prefill", 2, 5), ("step",), ("step",), ("crop", -2), ("step",)],
+    "rows appended, then into the spare rows left": [("prefill", 2, 5), ("step",), ("append", 2), ("step",),
+                                                     ("compact", [0, 3]), ("append", 1), ("step",), ("step",)],
+    "appended past the room": [("prefill", 1, 3)] + [("append", 1), ("step",)] * 6,
+    "widened in place over dropped columns": [("prefill", 3, 6), ("step",), ("drop", 4), ("widen", 6), ("append", 1),
+                                             ("step",)],
+    "widened into a new buffer": [("prefill", 2, 4), ("widen", 9), ("append", 1), ("step",), ("select", [2, 0]),
+                                  ("step",)],
+    "assigned over spare rows": [("prefill", 2, 3), ("append", 2), ("compact", [1, 2]), ("merge", 1, 4, "keys first"),
+                                 ("step",)],
 }
 
 
@@ -82,6 +94,16 @@ def test_reserved_layer_matches_dynamic_layer(program):
         elif op[0] == "crop":
             for layer in (plain, reserved):
                 layer.crop(op[1])
+        elif op[0] == "append":
+            keys, values = kv(op[1], plain.keys.shape[2], seed)
+            plain.keys, plain.values = torch.cat([plain.keys, keys]), torch.cat([plain.values, values])
+            reserved.append_rows(keys, values, room=2)
+        elif op[0] == "widen":
+            plain.keys, plain.values = left_pad(plain.keys, op[1]), left_pad(plain.values, op[1])
+            reserved.widen(op[1])
+        elif op[0] == "compact":
+            for layer in (plain, reserved):
+                compact_rows(Cache(layers=[layer]), op[1])
         assert torch.equal(plain.keys, reserved.keys), op
         assert torch.equal(plain.values, reserved.values), op
         assert reserved.get_seq_length() == plain.get_seq_length()
@@ -147,3 +169,30 @@ def test_compacting_rows_keeps_exactly_the_kept_rows_and_says_in_what_order(keep
         new_k, new_v = kv(len(keep), 1, 1)
         k, v = layer.update(new_k, new_v)
         assert torch.equal(k[:, :, -1:], new_k) and torch.equal(k[:, :, :6], keys[order])
+
+
+def test_appended_rows_go_into_spare_rows_and_room_without_a_copy():
+    """What joining over cached prefixes relies on: once a buffer has spare rows and room, rows
+    appended, rows leaving and decode steps write in place; widening over dropped columns too."""
+    cache = Cache(layers=[ReservedLayer(reserve=8), ReservedLayer(reserve=8)])
+    for layer in cache.layers:
+        layer.update(*kv(3, 5, 0))
+    append_rows(cache, torch.stack([torch.stack(kv(2, 5, 1))] * 2), room=4)  # no spare rows yet: a copy
+    layer = cache.layers[0]
+    buffer = layer._buffers["keys"]
+    assert buffer.shape[0] == 5 + DEFAULT_ROW_ROOM and layer.keys.shape == (5, 2, 5, 4)
+    before = layer.keys.clone()
+    layer.update(*kv(5, 4, 2))  # the room asked for
+    compact_rows(Cache(layers=[layer]), [0, 2, 4])
+    layer.append_rows(*kv(4, 9, 3), room=8)
+    assert layer._buffers["keys"].data_ptr() == buffer.data_ptr()
+    assert layer.keys.shape == (7, 2, 9, 4) and torch.equal(layer.keys[2, :, :5], before[2])
+    layer.drop_leading(3)
+    layer.widen(9)  # the 3 dropped columns are zeroed and in use again
+    assert layer._buffers["keys"].data_ptr() == buffer.data_ptr()
+    assert torch.equal(layer.keys[:, :, :3], torch.zeros(7, 2, 3, 4)) and torch.equal(layer.keys[2, :, 3:5], before[2, :, 3:5])
+    widen(cache, 12)  # the second layer has no dropped columns: a new buffer, spare rows kept
+    other = cache.layers[1]
+    assert other.keys.shape == (5, 2, 12, 4) and other._buffers["keys"].shape[0] == 5 + DEFAULT_ROW_ROOM
+    with pytest.raises(ValueError, match="positions"):
+        layer.append_rows(*kv(1, 4, 4), room=1)
