@@ -149,7 +149,7 @@ class ReservedLayer(DynamicLayer):
                 raise ValueError(f"new rows have {part.shape[-2]} positions, the cache {end - start}")
             if buffer.shape[0] < rows + n or buffer.shape[-2] - end < room:
                 filled = self._filled(name)
-                batch, heads, width, dim = filled.shape
+                _, heads, width, dim = filled.shape
                 buffer = filled.new_empty(rows + n + DEFAULT_ROW_ROOM, heads, width + room + self.reserve, dim)
                 buffer[:rows, :, :width] = filled
                 start, end = 0, width
