@@ -13,10 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ServiceError, Timeout
 
 
-async def submit(engine: Any, job: Callable[[], Any], on_text: Callable[[str], None] | None = None) -> Any:
+async def submit(engine: Any, job: Callable[[], Any], on_text: Callable[[str], None] | None = None,
+                 inline: bool = False) -> Any:
     """Build the job (decoding its images) and submit it, in one trip through the thread pool:
     both are CPU work that must not hold up the event loop, and every trip between threads costs
-    the cores the model runs on."""
+    the cores the model runs on. ``inline``: the job is cheap (small images; see
+    :func:`~service.api.images.cheap_to_decode`), so build and submit it here, without the trip."""
+    if inline:
+        return engine.submit(job(), on_text)
     return await run_in_threadpool(lambda: engine.submit(job(), on_text))
 
 

@@ -183,3 +183,52 @@ def test_image_over_the_byte_cap_is_413(tiny_base_dir, tmp_path):
     with TestClient(create_app(settings, load_in_background=False)) as client:
         r = client.post("/v1/answer", data={"instruction": "hi"}, files={"image": ("n.png", buf.getvalue(), "image/png")})
         assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+
+
+def png_of(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 20, 20)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_only_small_images_are_decoded_on_the_event_loop():
+    from service.api.images import INLINE_MAX_BYTES, base64_payloads, cheap_to_decode
+
+    small, wide = png_of(96, 96), png_of(2048, 1024)  # the wide one is a few kB, but 2 megapixels
+    assert len(wide) < INLINE_MAX_BYTES
+    assert cheap_to_decode([]) and cheap_to_decode([small, small])
+    assert not cheap_to_decode([wide]) and not cheap_to_decode([small, wide])
+    assert not cheap_to_decode([b"not an image"])
+    assert not cheap_to_decode([small + bytes(INLINE_MAX_BYTES)])  # too many bytes, whatever they are
+    text = base64.b64encode(small).decode()
+    assert base64_payloads([text, "data:image/png;base64," + text]) == [small, small]
+    assert base64_payloads(["@@@ not base64"]) is None
+    assert base64_payloads([base64.b64encode(bytes(INLINE_MAX_BYTES + 10)).decode()]) is None
+
+
+def test_small_requests_skip_the_thread_pool_and_large_ones_take_it(client, monkeypatch):
+    """Decoding a small image costs less than handing it to the thread pool and back, so it runs on
+    the event loop; a large one (or a bad one) still goes to the pool. Answers are the same."""
+    import service.api.rows as rows
+
+    trips: list[str] = []
+    original = rows.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        trips.append("pool")
+        return await original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(rows, "run_in_threadpool", counted)
+    big = png_of(1100, 1000)  # over INLINE_MAX_PIXELS (and over this server's 512x512 cap: refused)
+    small = png_of(200, 200)
+    ask = {"instruction": "What colour?", "max_new_tokens": "4"}
+    inline = client.post("/v1/answer", data=ask, files={"image": ("a.png", small, "image/png")})
+    as_json = client.post("/v1/answer", json={**ask, "max_new_tokens": 4, "images": [base64.b64encode(small).decode()]})
+    assert inline.status_code == as_json.status_code == 200 and trips == []
+    assert inline.json()["answer"] == as_json.json()["answer"]
+    refused = client.post("/v1/answer", data=ask, files={"image": ("b.png", big, "image/png")})
+    assert refused.status_code == 413 and trips == ["pool"]  # (decoded off the loop, refused there)
+    bad = client.post("/v1/answer", data=ask, files={"image": ("c.png", b"not an image", "image/png")})
+    assert bad.status_code == 422 and trips == ["pool", "pool"]
+    text_only = client.post("/v1/answer", json={"instruction": "hi", "max_new_tokens": 2})
+    assert text_only.status_code == 200 and len(trips) == 2

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import check_adapter
 from service.api.deps import EngineDep, SettingsDep
-from service.api.images import decode_base64_image, decode_image
+from service.api.images import base64_payloads, cheap_to_decode, decode_base64_image, decode_image
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
 from service.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse
 from service.config import Settings
@@ -42,8 +42,9 @@ def _validated(data: dict, settings: Settings) -> AnswerRequest:
     return body
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, Callable[[], list]]:
-    """The request's fields, and what decodes its images (CPU work, for the thread pool)."""
+async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, Callable[[], list], bool]:
+    """The request's fields, what decodes its images (CPU work, for the thread pool), and whether
+    that is cheap enough to run on the event loop (:func:`~service.api.images.cheap_to_decode`)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -53,10 +54,11 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, C
         if not isinstance(data, dict):
             raise InvalidInput("body must be a JSON object")
         body = _validated(data, settings)
+        payloads = base64_payloads(body.images)
         return body, lambda: [
             decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
             for i, text in enumerate(body.images)
-        ]
+        ], payloads is not None and cheap_to_decode(payloads)
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_images + 1, max_fields=32)
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
@@ -68,7 +70,7 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, C
         return body, lambda: [
             decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]")
             for i, data in enumerate(uploads)
-        ]
+        ], cheap_to_decode(uploads)
     raise UnsupportedMedia("send application/json or multipart/form-data")
 
 
@@ -79,7 +81,7 @@ async def answer(
     engine: EngineDep,
     adapter: str | None = Query(None, description="adapter name or name@version; overrides the body"),
 ):
-    body, decode_images = await _parse(request, settings)
+    body, decode_images, cheap = await _parse(request, settings)
     adapter = adapter if adapter is not None else body.adapter
     check_adapter(request, adapter)
 
@@ -88,11 +90,11 @@ async def answer(
                          max_new_tokens=body.max_new_tokens, temperature=body.temperature)
 
     if not body.stream:
-        row = await submit(engine, job)
+        row = await submit(engine, job, inline=cheap)
         return await wait_for_row(request, row, settings.request_timeout_s)
 
     stream = RowStream()
-    row = await submit(engine, job, stream.on_text)
+    row = await submit(engine, job, stream.on_text, inline=cheap)
     stream.attach(row)
 
     async def events():
