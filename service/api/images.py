@@ -67,19 +67,14 @@ def cheap_to_decode(encoded: list[bytes]) -> bool:
     return pixels <= INLINE_MAX_PIXELS
 
 
-def base64_payloads(texts: list[str]) -> list[bytes] | None:
-    """The bytes of base64 images (plain or ``data:`` URLs) if all are small and valid, else None."""
-    if sum(len(text) for text in texts) > INLINE_MAX_BYTES * 4 // 3 + 4 * len(texts):
-        return None
-    try:
-        return [base64.b64decode(text.partition(",")[2] if text.startswith("data:") else text, validate=True)
-                for text in texts]
-    except (binascii.Error, ValueError):
-        return None
+def small_base64(texts: list[str]) -> bool:
+    """Whether base64 images (plain or ``data:`` URLs) are few enough bytes to decode from base64
+    on the event loop (see :func:`cheap_to_decode`)."""
+    return sum(len(text) for text in texts) <= INLINE_MAX_BYTES * 4 // 3 + 4 * len(texts)
 
 
-def decode_base64_image(text: str, max_bytes: int, max_pixels: int, label: str = "image") -> Image.Image:
-    """A base64 string or a ``data:image/...;base64,`` URL; remote URLs are refused."""
+def decode_base64(text: str, max_bytes: int, label: str = "image") -> bytes:
+    """The bytes of a base64 string or a ``data:image/...;base64,`` URL; remote URLs are refused."""
     if text.startswith(("http://", "https://")):
         raise InvalidInput(f"{label}: remote image URLs are not fetched; send the image as base64 or a data URL")
     if text.startswith("data:"):
@@ -89,7 +84,11 @@ def decode_base64_image(text: str, max_bytes: int, max_pixels: int, label: str =
     if len(text) > max_bytes * 4 // 3 + 4:
         raise PayloadTooLarge(f"{label} exceeds {max_bytes} bytes")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput(f"{label} is not valid base64") from exc
-    return decode_image(data, max_bytes, max_pixels, label)
+
+
+def decode_base64_image(text: str, max_bytes: int, max_pixels: int, label: str = "image") -> Image.Image:
+    """:func:`decode_base64`, then :func:`decode_image`."""
+    return decode_image(decode_base64(text, max_bytes, label), max_bytes, max_pixels, label)

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import check_adapter
 from service.api.deps import EngineDep, SettingsDep
-from service.api.images import base64_payloads, cheap_to_decode, decode_base64_image, decode_image
+from service.api.images import cheap_to_decode, decode_base64, decode_base64_image, decode_image, small_base64
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
 from service.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse
 from service.config import Settings
@@ -54,11 +54,16 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, C
         if not isinstance(data, dict):
             raise InvalidInput("body must be a JSON object")
         body = _validated(data, settings)
-        payloads = base64_payloads(body.images)
+        if small_base64(body.images):  # (base64-decoded here, once; the images maybe here too)
+            payloads = [decode_base64(text, settings.max_image_bytes, f"images[{i}]") for i, text in enumerate(body.images)]
+            return body, lambda: [
+                decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
+                for i, data in enumerate(payloads)
+            ], cheap_to_decode(payloads)
         return body, lambda: [
             decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
             for i, text in enumerate(body.images)
-        ], payloads is not None and cheap_to_decode(payloads)
+        ], False
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_images + 1, max_fields=32)
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
