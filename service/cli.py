@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="...or once the oldest has waited this many decode steps")
     serve.add_argument("--prefix-cache-mb", dest="prefix_cache_mb", type=int,
                        help="memory for cached image-prefix keys/values, reused across questions (0: off)")
+    serve.add_argument("--decoded-image-cache-mb", dest="decoded_image_cache_mb", type=int,
+                       help="memory for recently decoded uploads, so repeated images skip decoding (0: off)")
     serve.add_argument("--redis-url", dest="redis_url", help="queue fine-tunes on Redis for separate trainers")
     serve.add_argument("--no-embedded-trainer", dest="embedded_trainer", action="store_const", const=False,
                        help="do not train in the server process (run `python -m service trainer` instead)")

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         256, ge=0, le=1_000_000, description="memory for the keys and values of image prefixes, reused by later "
         "questions on the same images and adapter (0: off)"
     )
+    decoded_image_cache_mb: int = Field(
+        64, ge=0, le=1_000_000, description="memory for uploaded images decoded recently (RGB pixels), so that "
+        "later requests with the same image bytes skip decoding and hashing them (0: off)"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests before answering 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's limit, queueing included")
     redis_url: str | None = Field(None, description="Redis queue for trainers on other machines (default: SQLite)")

@@ -17,4 +17,7 @@ GENERATED_TOKENS = Counter("service_generated_tokens_total", "completion tokens 
 PREFIX_CACHE_LOOKUPS = Counter(
     "service_prefix_cache_lookups_total", "image-prefix KV cache lookups by prompts with images", ["result"]
 )
+DECODED_IMAGE_LOOKUPS = Counter(
+    "service_decoded_image_lookups_total", "uploaded images looked up among those decoded recently", ["result"]
+)
 PREFIX_CACHE_BYTES = Gauge("service_prefix_cache_bytes", "bytes of image-prefix keys and values cached")

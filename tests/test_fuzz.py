@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from service.api.app import create_app
 from service.api.auth import KeyFile
-from service.api.images import decode_base64_image, decode_image
+from service.api.images import decode_base64, decode_image
 from service.config import Settings
 from service.errors import ServiceError
 from service.model.lora.config import AdapterConfig, AdapterConfigError
@@ -65,7 +65,7 @@ def test_image_bytes(data):
 def test_base64_images_and_data_urls(text):
     for candidate in (text, "data:image/png;base64," + text):
         try:
-            decode_base64_image(candidate, max_bytes=1 << 20, max_pixels=1 << 16)
+            decode_image(decode_base64(candidate, max_bytes=1 << 20), max_bytes=1 << 20, max_pixels=1 << 16)
         except ServiceError as exc:
             assert exc.status in (413, 422)
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.auth import Authenticator, require, require_read_or_write
+from service.api.images import DecodedImages
 from service.api.request_log import RequestLog
 from service.api.routes import adapters, answer, chat, finetune, health, models
 from service.api.routes import metrics as metrics_route
@@ -69,6 +70,7 @@ def create_app(
 
     app = FastAPI(title="MLLM adapter service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.decoded_images = DecodedImages(settings.decoded_image_cache_mb * 2**20)
     app.state.engine = None
     app.state.load_error = None
     app.state.consumer = None

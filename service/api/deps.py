@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from service.api.images import DecodedImages
 from service.config import Settings
 from service.errors import NotReady
 
@@ -25,5 +26,10 @@ async def get_engine(request: Request) -> Any:
     return engine
 
 
+async def get_decoded_images(request: Request) -> DecodedImages:
+    return request.app.state.decoded_images
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+DecodedImagesDep = Annotated[DecodedImages, Depends(get_decoded_images)]
 EngineDep = Annotated[Any, Depends(get_engine)]

@@ -1,15 +1,21 @@
-"""Decoding untrusted image bytes safely (size, pixel caps, decompression bombs, bad data)."""
+"""Decoding untrusted image bytes safely (size, pixel caps, decompression bombs, bad data), and
+remembering what was decoded recently."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import threading
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from service import metrics
 from service.errors import InvalidInput, PayloadTooLarge
+from service.lru import SizedLRU
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -89,6 +95,58 @@ def decode_base64(text: str, max_bytes: int, label: str = "image") -> bytes:
         raise InvalidInput(f"{label} is not valid base64") from exc
 
 
-def decode_base64_image(text: str, max_bytes: int, max_pixels: int, label: str = "image") -> Image.Image:
-    """:func:`decode_base64`, then :func:`decode_image`."""
-    return decode_image(decode_base64(text, max_bytes, label), max_bytes, max_pixels, label)
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded from an upload, and a key naming its content: a hash of the encoded bytes,
+    which the engine uses as the image's key in its feature and prefix caches."""
+
+    image: Image.Image
+    key: str
+
+
+def content_key(data: bytes) -> str:
+    """The key of an encoded image: a hash of its bytes (the same picture encoded twice differently
+    gets two keys, and is merely decoded and encoded by the vision tower twice)."""
+    return "bytes:" + hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+_HITS, _MISSES = metrics.DECODED_IMAGE_LOOKUPS.labels("hit"), metrics.DECODED_IMAGE_LOOKUPS.labels("miss")
+
+
+class DecodedImages:
+    """Images decoded recently, by :func:`content_key`, at most ``capacity_bytes`` of RGB pixels.
+
+    Questions about an image often come in several requests (several questions about one picture,
+    or one per adapter). Decoding a PNG and hashing its pixels was a third of the HTTP layer's CPU
+    per request in the load test (a py-spy profile; docs/benchmarks.md), on the cores the model
+    runs on; a known image costs a hash of its encoded bytes instead. Only images that decoded
+    without error are kept, so a known one is known good: identical bytes decode identically under
+    the same limits. Shared by the event loop and the thread pool, hence the lock.
+    """
+
+    def __init__(self, capacity_bytes: int):
+        self._images: SizedLRU[DecodedImage] = SizedLRU(
+            capacity_bytes, size=lambda entry: entry.image.width * entry.image.height * 3)
+        self._lock = threading.Lock()
+
+    def known(self, encoded: list[bytes]) -> list[DecodedImage | None]:
+        """What each of ``encoded`` decoded to before, None for those not here. Uploads of more than
+        :data:`INLINE_MAX_BYTES` in all are not looked up (this runs on the event loop, and hashing
+        them would hold it up): all None."""
+        if not self._images.capacity or sum(len(data) for data in encoded) > INLINE_MAX_BYTES:
+            return [None] * len(encoded)
+        keys = [content_key(data) for data in encoded]
+        with self._lock:
+            found = [self._images.get(key) for key in keys]
+        for entry in found:
+            (_HITS if entry is not None else _MISSES).inc()
+        return found
+
+    def decode(self, data: bytes, max_bytes: int, max_pixels: int, label: str = "image") -> DecodedImage:
+        """:func:`decode_image`, keeping the result."""
+        if len(data) > max_bytes:  # (before hashing what may be a huge upload)
+            raise PayloadTooLarge(f"{label} is {len(data)} bytes; the limit is {max_bytes}")
+        decoded = DecodedImage(decode_image(data, max_bytes, max_pixels, label), content_key(data))
+        with self._lock:
+            self._images.put(decoded.key, decoded)
+        return decoded

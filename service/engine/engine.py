@@ -163,7 +163,8 @@ class Engine:
         ref = self.store.resolve(job.adapter or "")
         # Tokenising and hashing the images here, on the caller's thread, keeps them off the
         # worker thread, whose forward passes are what every request waits for.
-        checked = GenerationRequest(job.instruction, job.images, max_new_tokens=job.max_new_tokens)
+        checked = GenerationRequest(job.instruction, job.images, max_new_tokens=job.max_new_tokens,
+                                    image_keys=job.image_keys)
         try:
             check_request(self.base, checked)
         except (PromptTooLongError, ValueError) as exc:

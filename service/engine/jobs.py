@@ -14,3 +14,6 @@ class AnswerJob:
     adapter: str | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0
+    # Content keys of ``images`` when the caller has them (the HTTP layer hashes the uploaded bytes),
+    # naming them in the engine's image caches; None: the engine hashes the pixels.
+    image_keys: list[str] | None = None

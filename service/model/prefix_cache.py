@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 
+from service.lru import SizedLRU
 from service.model.kv_cache import DEFAULT_RESERVE, ReservedCache, is_growing
-from service.model.lru import SizedLRU
 
 
 @dataclass(frozen=True)

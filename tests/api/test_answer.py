@@ -231,3 +231,66 @@ def test_small_requests_skip_the_thread_pool_and_large_ones_take_it(client, monk
     assert bad.status_code == 422 and trips == ["pool", "pool"]
     text_only = client.post("/v1/answer", json={"instruction": "hi", "max_new_tokens": 2})
     assert text_only.status_code == 200 and len(trips) == 2
+
+
+def test_an_image_sent_again_is_not_decoded_or_hashed_again(client, monkeypatch):
+    """Uploads decoded before are known by a hash of their bytes: the same bytes again, as a file or
+    as base64, skip decoding and reach the engine under the same key (so its caches hit); bad or
+    refused uploads are never kept, and are refused again."""
+    import service.api.images as images
+
+    decoded: list[int] = []
+    original = images.decode_image
+
+    def counted(data, *args, **kwargs):
+        decoded.append(len(data))
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_image", counted)
+    engine = client.app.state.engine
+    submitted = []
+    real_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda job, *a: submitted.append(job) or real_submit(job, *a))
+    first, second = png_of(90, 60), png_of(60, 90)
+    ask = {"instruction": "What colour?", "max_new_tokens": "4"}
+    as_file = client.post("/v1/answer", data=ask, files={"image": ("a.png", first, "image/png")})
+    assert as_file.status_code == 200 and len(decoded) == 1
+    as_json = client.post("/v1/answer", json={**ask, "max_new_tokens": 4, "images": [base64.b64encode(first).decode()]})
+    assert as_json.status_code == 200 and len(decoded) == 1
+    assert as_json.json()["answer"] == as_file.json()["answer"]
+    both = client.post("/v1/answer", data=ask, files=[("image", ("a.png", first, "image/png")),
+                                                      ("image", ("b.png", second, "image/png"))])
+    assert both.status_code == 200 and decoded == [len(first), len(second)]  # only the new one
+    keys = [job.image_keys for job in submitted]
+    assert keys[0] == keys[1] == [images.content_key(first)] and keys[2] == [keys[0][0], images.content_key(second)]
+    assert submitted[1].images[0].size == (90, 60)
+    assert engine.cache.get(images.content_key(second)) is not None  # (the engine's features, under that key)
+    url = "data:image/png;base64," + base64.b64encode(first).decode()
+    chat = client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert chat.status_code == 200 and len(decoded) == 2 and submitted[-1].image_keys == keys[0]
+    for _ in range(2):
+        bad = client.post("/v1/answer", data=ask, files={"image": ("c.png", b"not an image", "image/png")})
+        refused = client.post("/v1/answer", data=ask, files={"image": ("d.png", png_of(600, 600), "image/png")})
+        assert (bad.status_code, refused.status_code) == (422, 413)
+    assert len(decoded) == 2 + 4
+    metrics = client.get("/metrics").text
+    assert 'service_decoded_image_lookups_total{result="hit"}' in metrics
+
+
+def test_decoded_images_are_bounded_and_can_be_turned_off(monkeypatch):
+    import service.api.images as images
+    from service.api.images import INLINE_MAX_BYTES, DecodedImages
+
+    small = [png_of(10 + i, 10) for i in range(3)]  # 300, 330 and 360 bytes of RGB
+    cache = DecodedImages(capacity_bytes=400)
+    for data in small:
+        cache.decode(data, 1 << 20, 1 << 20)
+    assert [entry is not None for entry in cache.known(small)] == [False, False, True]  # the last one fits
+    assert cache.known([small[2]])[0].image.size == (12, 10)
+    off = DecodedImages(capacity_bytes=0)
+    off.decode(small[0], 1 << 20, 1 << 20)
+    assert off.known([small[0]]) == [None]
+    hashed: list[int] = []
+    monkeypatch.setattr(images, "content_key", lambda data: hashed.append(len(data)) or "k")
+    assert cache.known([bytes(INLINE_MAX_BYTES + 1)]) == [None] and hashed == []  # (not hashed on the event loop)

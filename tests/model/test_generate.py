@@ -281,3 +281,44 @@ def test_rows_joining_over_cached_prefixes_do_not_copy_the_running_rows(tiny_bas
         batch.step()
         assert [layer._buffers["keys"].data_ptr() for layer in batch.cache.layers] == buffers
     assert len(batch.rows) == 5
+
+
+def test_last_only_logits_equal_the_last_position_with_one_plain_matmul(tiny_base):
+    """``_forward(last_only=True)`` gives the full pass's last-position logits, and its LM head runs
+    as one matmul (transformers' ``logits_to_keep=1`` slice made it a batched matmul against one
+    copy of the head's weight per row)."""
+    from torch.profiler import profile
+
+    from service.model.generate import _forward
+
+    ids = torch.randint(5, tiny_base.model.config.text_config.vocab_size, (3, 6))
+    mask = torch.ones_like(ids)
+    slots = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        full = _forward(tiny_base, slots, None, input_ids=ids, attention_mask=mask).logits
+        with profile() as prof:
+            last = _forward(tiny_base, slots, None, last_only=True, input_ids=ids, attention_mask=mask).logits
+    assert last.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    assert not [e for e in prof.events() if e.name == "aten::bmm"]  # (no adapter, SDPA attention: only a head would)
+
+
+def test_image_keys_given_by_the_caller_are_kept_and_checked(tiny_base, monkeypatch):
+    """A caller that names its images (the HTTP layer hashes the uploaded bytes) saves the pixel
+    hash; the keys then name the images in the caches, and their count must match."""
+    import service.model.generate as generation
+    from service.model.generate import check_request
+
+    def hashed(*args, **kwargs):
+        raise AssertionError("the pixels were hashed")
+
+    monkeypatch.setattr(generation, "image_key", hashed)
+    ims = images()
+    named = GenerationRequest("What colour?", [ims[0], ims[1]], max_new_tokens=3, image_keys=["bytes:a", "bytes:b"])
+    check_request(tiny_base, named)
+    assert named.image_keys == ["bytes:a", "bytes:b"]
+    cache = ImageFeatureCache()
+    generate(tiny_base, [named], cache=cache)
+    assert cache.get("bytes:a") is not None and cache.get("bytes:b") is not None
+    with pytest.raises(ValueError, match="2 image keys for 1 images"):
+        check_request(tiny_base, GenerationRequest("x", [ims[0]], image_keys=["bytes:a", "bytes:b"]))

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.auth import check_adapter
-from service.api.deps import EngineDep, SettingsDep
-from service.api.images import cheap_to_decode, decode_base64, decode_base64_image, decode_image, small_base64
+from service.api.deps import DecodedImagesDep, EngineDep, SettingsDep
+from service.api.images import DecodedImage, DecodedImages, cheap_to_decode, decode_base64, small_base64
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
 from service.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse
 from service.config import Settings
@@ -42,9 +42,11 @@ def _validated(data: dict, settings: Settings) -> AnswerRequest:
     return body
 
 
-async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, Callable[[], list], bool]:
+async def _parse(request: Request, settings: Settings,
+                 decoded: DecodedImages) -> tuple[AnswerRequest, Callable[[], list[DecodedImage]], bool]:
     """The request's fields, what decodes its images (CPU work, for the thread pool), and whether
-    that is cheap enough to run on the event loop (:func:`~service.api.images.cheap_to_decode`)."""
+    that is cheap enough to run on the event loop: every image decoded before
+    (:class:`~service.api.images.DecodedImages`), or small ones (:func:`~service.api.images.cheap_to_decode`)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -54,16 +56,15 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, C
         if not isinstance(data, dict):
             raise InvalidInput("body must be a JSON object")
         body = _validated(data, settings)
-        if small_base64(body.images):  # (base64-decoded here, once; the images maybe here too)
-            payloads = [decode_base64(text, settings.max_image_bytes, f"images[{i}]") for i, text in enumerate(body.images)]
+        if not small_base64(body.images):
             return body, lambda: [
-                decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
-                for i, data in enumerate(payloads)
-            ], cheap_to_decode(payloads)
-        return body, lambda: [
-            decode_base64_image(text, settings.max_image_bytes, settings.max_image_pixels, f"images[{i}]")
-            for i, text in enumerate(body.images)
-        ], False
+                decoded.decode(decode_base64(text, settings.max_image_bytes, f"images[{i}]"), settings.max_image_bytes,
+                               settings.max_image_pixels, f"images[{i}]")
+                for i, text in enumerate(body.images)
+            ], False
+        # (base64-decoded here, once; the images maybe here too)
+        payloads = [decode_base64(text, settings.max_image_bytes, f"images[{i}]") for i, text in enumerate(body.images)]
+        return (body, *_decoder(payloads, "images", settings, decoded))
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_images + 1, max_fields=32)
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
@@ -72,11 +73,25 @@ async def _parse(request: Request, settings: Settings) -> tuple[AnswerRequest, C
         if len(files) > settings.max_images:
             raise PayloadTooLarge(f"at most {settings.max_images} images per request")
         uploads = [await upload.read(settings.max_image_bytes + 1) for upload in files]
-        return body, lambda: [
-            decode_image(data, settings.max_image_bytes, settings.max_image_pixels, f"image[{i}]")
-            for i, data in enumerate(uploads)
-        ], cheap_to_decode(uploads)
+        return (body, *_decoder(uploads, "image", settings, decoded))
     raise UnsupportedMedia("send application/json or multipart/form-data")
+
+
+def _decoder(payloads: list[bytes], field: str, settings: Settings,
+             decoded: DecodedImages) -> tuple[Callable[[], list[DecodedImage]], bool]:
+    """What decodes ``payloads`` (taking the ones decoded before as they are), and whether that is
+    cheap enough for the event loop."""
+    known = decoded.known(payloads)
+    if all(image is not None for image in known):
+        return lambda: known, True
+
+    def decode() -> list[DecodedImage]:
+        return [
+            image or decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, f"{field}[{i}]")
+            for i, (image, data) in enumerate(zip(known, payloads, strict=True))
+        ]
+
+    return decode, cheap_to_decode([data for image, data in zip(known, payloads, strict=True) if image is None])
 
 
 @router.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS)
@@ -84,15 +99,18 @@ async def answer(
     request: Request,
     settings: SettingsDep,
     engine: EngineDep,
+    decoded: DecodedImagesDep,
     adapter: str | None = Query(None, description="adapter name or name@version; overrides the body"),
 ):
-    body, decode_images, cheap = await _parse(request, settings)
+    body, decode_images, cheap = await _parse(request, settings, decoded)
     adapter = adapter if adapter is not None else body.adapter
     check_adapter(request, adapter)
 
     def job() -> AnswerJob:
-        return AnswerJob(instruction=body.instruction, images=decode_images(), adapter=adapter,
-                         max_new_tokens=body.max_new_tokens, temperature=body.temperature)
+        images = decode_images()
+        return AnswerJob(instruction=body.instruction, images=[d.image for d in images], adapter=adapter,
+                         max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                         image_keys=[d.key for d in images])
 
     if not body.stream:
         row = await submit(engine, job, inline=cheap)

@@ -17,8 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.auth import check_adapter
-from service.api.deps import EngineDep, SettingsDep
-from service.api.images import decode_base64_image
+from service.api.deps import DecodedImagesDep, EngineDep, SettingsDep
+from service.api.images import DecodedImage, DecodedImages, decode_base64
 from service.api.rows import RowStream, error_payload, sse, submit, wait_for_row
 from service.config import Settings
 from service.engine.jobs import AnswerJob
@@ -59,7 +59,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def _text_and_images(message: Message, settings: Settings, images: list) -> str:
+def _text_and_images(message: Message, settings: Settings, decoded: DecodedImages, images: list[DecodedImage]) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     texts = []
@@ -69,18 +69,18 @@ def _text_and_images(message: Message, settings: Settings, images: list) -> str:
         elif part.image_url is not None:
             if len(images) >= settings.max_images:
                 raise PayloadTooLarge(f"at most {settings.max_images} images per request")
-            images.append(
-                decode_base64_image(part.image_url.url, settings.max_image_bytes, settings.max_image_pixels,
-                                    f"messages image {len(images)}")
-            )
+            label = f"messages image {len(images)}"
+            data = decode_base64(part.image_url.url, settings.max_image_bytes, label)
+            known = decoded.known([data])[0]
+            images.append(known or decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, label))
     return "\n".join(t for t in texts if t)
 
 
-def _to_job(body: ChatRequest, engine: Any, settings: Settings) -> AnswerJob:
+def _to_job(body: ChatRequest, engine: Any, settings: Settings, decoded: DecodedImages) -> AnswerJob:
     if body.messages[-1].role != "user":
         raise InvalidInput("the last message must come from the user")
-    images: list = []
-    turns = [(m.role, _text_and_images(m, settings, images)) for m in body.messages]
+    images: list[DecodedImage] = []
+    turns = [(m.role, _text_and_images(m, settings, decoded, images)) for m in body.messages]
     instruction = turns[-1][1].strip()
     if not instruction:
         raise InvalidInput("the last user message has no text")
@@ -93,11 +93,12 @@ def _to_job(body: ChatRequest, engine: Any, settings: Settings) -> AnswerJob:
     if max_tokens > settings.max_new_tokens:
         raise InvalidInput(f"max_tokens must be at most {settings.max_new_tokens}")
     adapter = None if body.model in (engine.model_id, "base") else body.model
-    return AnswerJob(instruction, images, adapter, max_tokens, body.temperature)
+    return AnswerJob(instruction, [d.image for d in images], adapter, max_tokens, body.temperature,
+                     image_keys=[d.key for d in images])
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, settings: SettingsDep, engine: EngineDep):
+async def chat_completions(request: Request, settings: SettingsDep, engine: EngineDep, decoded: DecodedImagesDep):
     try:
         raw = json.loads(await request.body())
         body = ChatRequest.model_validate(raw)
@@ -109,7 +110,7 @@ async def chat_completions(request: Request, settings: SettingsDep, engine: Engi
     created = int(time.time())
 
     def job() -> AnswerJob:  # (decodes the images: run in the thread pool, by submit)
-        job = _to_job(body, engine, settings)
+        job = _to_job(body, engine, settings, decoded)
         check_adapter(request, job.adapter)
         return job
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from service.lru import SizedLRU
 from service.model.generate import ImageFeatureCache
-from service.model.lru import SizedLRU
 
 
 def test_counted_by_default_least_recently_used_out_first():
