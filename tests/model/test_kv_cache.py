@@ -153,11 +153,12 @@ def test_an_adopted_buffer_is_read_and_written_in_place():
 
 
 @pytest.mark.parametrize(
-    "keep", [[0, 1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 2, 3], [0, 4], [2], [1, 3], [0, 2, 4]],
+    "keep", [[0, 1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 2, 3], [0, 4], [2], [1, 3], [0, 2, 4],
+             list(range(6, 12)), [0, 3, 7, 8, 9, 10, 11]],  # (of 12 rows: more than FEW_ROWS move)
 )
 @pytest.mark.parametrize("layer_type", [ReservedLayer, DynamicLayer])
 def test_compacting_rows_keeps_exactly_the_kept_rows_and_says_in_what_order(keep, layer_type):
-    keys, values = kv(5, 6, 0)
+    keys, values = kv(5 if max(keep) < 5 else 12, 6, 0)
     layer = layer_type()
     layer.update(keys, values)
     cache = Cache(layers=[layer])
