@@ -129,24 +129,35 @@ class DecodedImages:
             capacity_bytes, size=lambda entry: entry.image.width * entry.image.height * 3)
         self._lock = threading.Lock()
 
-    def known(self, encoded: list[bytes]) -> list[DecodedImage | None]:
-        """What each of ``encoded`` decoded to before, None for those not here. Uploads of more than
-        :data:`INLINE_MAX_BYTES` in all are not looked up (this runs on the event loop, and hashing
-        them would hold it up): all None."""
-        if not self._images.capacity or sum(len(data) for data in encoded) > INLINE_MAX_BYTES:
-            return [None] * len(encoded)
-        keys = [content_key(data) for data in encoded]
+    def _looks_up_on_the_loop(self, encoded: list[bytes]) -> bool:
+        # Uploads of more than INLINE_MAX_BYTES in all are not hashed on the event loop.
+        return bool(self._images.capacity) and sum(len(data) for data in encoded) <= INLINE_MAX_BYTES
+
+    def _get(self, key: str) -> DecodedImage | None:
         with self._lock:
-            found = [self._images.get(key) for key in keys]
-        for entry in found:
-            (_HITS if entry is not None else _MISSES).inc()
+            found = self._images.get(key)
+        (_HITS if found is not None else _MISSES).inc()
         return found
 
-    def decode(self, data: bytes, max_bytes: int, max_pixels: int, label: str = "image") -> DecodedImage:
-        """:func:`decode_image`, keeping the result."""
+    def known(self, encoded: list[bytes]) -> tuple[list[DecodedImage | None], bool]:
+        """What each of ``encoded`` decoded to before (None for those not here), and whether they
+        were looked up at all: uploads of more than :data:`INLINE_MAX_BYTES` in all are not (this
+        runs on the event loop, and hashing them would hold it up); :meth:`decode` looks them up."""
+        if not self._looks_up_on_the_loop(encoded):
+            return [None] * len(encoded), False
+        return [self._get(content_key(data)) for data in encoded], True
+
+    def decode(self, data: bytes, max_bytes: int, max_pixels: int, label: str = "image",
+               look_up: bool = True) -> DecodedImage:
+        """What ``data`` decoded to before (unless ``look_up`` is false: :meth:`known` just missed
+        it), else :func:`decode_image`, kept for next time."""
         if len(data) > max_bytes:  # (before hashing what may be a huge upload)
             raise PayloadTooLarge(f"{label} is {len(data)} bytes; the limit is {max_bytes}")
-        decoded = DecodedImage(decode_image(data, max_bytes, max_pixels, label), content_key(data))
+        key = content_key(data)
+        found = self._get(key) if look_up and self._images.capacity else None
+        if found is not None:
+            return found
+        decoded = DecodedImage(decode_image(data, max_bytes, max_pixels, label), key)
         with self._lock:
-            self._images.put(decoded.key, decoded)
+            self._images.put(key, decoded)
         return decoded

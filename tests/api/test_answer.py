@@ -286,11 +286,16 @@ def test_decoded_images_are_bounded_and_can_be_turned_off(monkeypatch):
     cache = DecodedImages(capacity_bytes=400)
     for data in small:
         cache.decode(data, 1 << 20, 1 << 20)
-    assert [entry is not None for entry in cache.known(small)] == [False, False, True]  # the last one fits
-    assert cache.known([small[2]])[0].image.size == (12, 10)
+    found, looked_up = cache.known(small)
+    assert looked_up and [entry is not None for entry in found] == [False, False, True]  # the last one fits
+    assert cache.known([small[2]])[0][0].image.size == (12, 10)
     off = DecodedImages(capacity_bytes=0)
     off.decode(small[0], 1 << 20, 1 << 20)
-    assert off.known([small[0]]) == [None]
+    assert off.known([small[0]]) == ([None], False)
+    large = png_of(1100, 1000) + bytes(INLINE_MAX_BYTES)  # (a PNG decoder ignores bytes after the end)
+    roomy = DecodedImages(capacity_bytes=1 << 30)
+    first = roomy.decode(large, 1 << 30, 1 << 30)
+    assert roomy.decode(large, 1 << 30, 1 << 30) is first  # looked up off the event loop
     hashed: list[int] = []
     monkeypatch.setattr(images, "content_key", lambda data: hashed.append(len(data)) or "k")
-    assert cache.known([bytes(INLINE_MAX_BYTES + 1)]) == [None] and hashed == []  # (not hashed on the event loop)
+    assert roomy.known([large]) == ([None], False) and hashed == []  # (not hashed on the event loop)

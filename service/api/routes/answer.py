@@ -81,13 +81,14 @@ def _decoder(payloads: list[bytes], field: str, settings: Settings,
              decoded: DecodedImages) -> tuple[Callable[[], list[DecodedImage]], bool]:
     """What decodes ``payloads`` (taking the ones decoded before as they are), and whether that is
     cheap enough for the event loop."""
-    known = decoded.known(payloads)
+    known, looked_up = decoded.known(payloads)
     if all(image is not None for image in known):
         return lambda: known, True
 
     def decode() -> list[DecodedImage]:
         return [
-            image or decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, f"{field}[{i}]")
+            image or decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, f"{field}[{i}]",
+                                    look_up=not looked_up)
             for i, (image, data) in enumerate(zip(known, payloads, strict=True))
         ]
 

@@ -71,8 +71,7 @@ def _text_and_images(message: Message, settings: Settings, decoded: DecodedImage
                 raise PayloadTooLarge(f"at most {settings.max_images} images per request")
             label = f"messages image {len(images)}"
             data = decode_base64(part.image_url.url, settings.max_image_bytes, label)
-            known = decoded.known([data])[0]
-            images.append(known or decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, label))
+            images.append(decoded.decode(data, settings.max_image_bytes, settings.max_image_pixels, label))
     return "\n".join(t for t in texts if t)
 
 
