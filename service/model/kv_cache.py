@@ -119,10 +119,13 @@ class ReservedLayer(DynamicLayer):
         assignment (``buffer[targets] = buffer[sources]``, which gathers them first).
         """
         if self.get_seq_length() > 0:
+            indexed = None
+            if len(targets) > FEW_ROWS:  # (one pair of index tensors for both buffers)
+                device = self._buffers["keys"].device
+                indexed = torch.tensor(targets, device=device), torch.tensor(sources, device=device)
             for buffer in self._buffers.values():
-                if len(targets) > FEW_ROWS:
-                    index = torch.tensor(targets, device=buffer.device)
-                    buffer.index_copy_(0, index, buffer.index_select(0, torch.tensor(sources, device=buffer.device)))
+                if indexed is not None:
+                    buffer.index_copy_(0, indexed[0], buffer.index_select(0, indexed[1]))
                     continue
                 for target, source in zip(targets, sources, strict=True):
                     buffer[target].copy_(buffer[source])
