@@ -20,6 +20,7 @@ from torch import nn
 
 from service.model.lora.context import current_batch
 from service.model.lora.weights import LN_EPS, DualLoRAWeights, LoRAWeights
+from service.model.packing import linear_over_tokens
 
 KIND_NONE, KIND_LORA, KIND_DUAL = 0, 1, 2
 KIND_OF = {LoRAWeights.kind: KIND_LORA, DualLoRAWeights.kind: KIND_DUAL}
@@ -221,8 +222,12 @@ class SlotLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, L, d_in]`` (or ``[B, d_in]``) → ``[B, L, d_out]``."""
-        y = self.base(x)
+        """``x``: ``[B, L, d_in]`` (or ``[B, d_in]``) → ``[B, L, d_out]``.
+
+        In a pass mostly of padding the base linear runs over the real positions only
+        (:mod:`service.model.packing`); the adapter deltas keep the padded layout.
+        """
+        y = linear_over_tokens(self.base, x)
         batch = current_batch()
         if batch is None:
             return y
