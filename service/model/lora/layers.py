@@ -32,7 +32,9 @@ class SlotBanks:
 
     ``at [S, w, d_in]`` (LoRA: A) or ``[S, 2w, d_in]`` (Dual-LoRA: A then T), ``b [S, d_out, w]``
     (B, multiplied by the scale), ``ln [S, 2, w]`` (Dual-LoRA: LayerNorm weight and bias). A mixed
-    batch gathers each row's weights with one index per bank, and a batch on one slot reads views.
+    batch gathers each row's weights with one ``index_select`` per bank (4× faster than indexing
+    with the slot tensor, ``bank[slots]``, at 16 rows: 15 against 65 µs for A and B of a rank-16
+    layer in float32 on a 2-core CPU), and a batch on one slot reads views.
     """
 
     at: torch.Tensor
@@ -69,8 +71,8 @@ class LoRAKernel:
         banks = _banks(layer, KIND_LORA, width)
         if same is not None:
             return F.linear(F.linear(x, banks.at[same]), banks.b[same])
-        hidden = torch.bmm(x, banks.at[slots].transpose(1, 2))
-        return torch.bmm(hidden, banks.b[slots].transpose(1, 2))
+        hidden = torch.bmm(x, banks.at.index_select(0, slots).transpose(1, 2))
+        return torch.bmm(hidden, banks.b.index_select(0, slots).transpose(1, 2))
 
 
 class DualLoRAKernel:
@@ -95,7 +97,7 @@ class DualLoRAKernel:
             normed = F.layer_norm(skill, (width,), eps=LN_EPS)
         else:
             # LayerNorm over each adapter's own r entries; the zero padding stays out of the stats.
-            ranks = layer.rank[slots]
+            ranks = layer.rank.index_select(0, slots) if isinstance(slots, torch.Tensor) else layer.rank[slots]
             r = ranks.clamp(min=1).to(skill.dtype)  # (a row without adapter: rank 0, all masked, stays 0)
             mask = torch.arange(width, device=skill.device) < ranks.unsqueeze(-1)
             if isinstance(slots, torch.Tensor):
@@ -114,9 +116,9 @@ class DualLoRAKernel:
         if same is not None:
             gated = cls._gate(layer, F.linear(x, banks.at[same]), banks.ln[same], same, width, full)
             return F.linear(gated, banks.b[same])
-        hidden = torch.bmm(x, banks.at[slots].transpose(1, 2))
-        gated = cls._gate(layer, hidden, banks.ln[slots], slots, width, full)
-        return torch.bmm(gated, banks.b[slots].transpose(1, 2))
+        hidden = torch.bmm(x, banks.at.index_select(0, slots).transpose(1, 2))
+        gated = cls._gate(layer, hidden, banks.ln.index_select(0, slots), slots, width, full)
+        return torch.bmm(gated, banks.b.index_select(0, slots).transpose(1, 2))
 
 
 KERNELS = (LoRAKernel, DualLoRAKernel)
