@@ -33,3 +33,37 @@ def test_the_image_feature_cache_holds_capacity_images():
     for key in "abcd":
         cache.put(key, key)
     assert len(cache) == 3 and cache.get("a") is None
+
+
+def test_shared_between_threads_its_count_and_order_stay_consistent():
+    """The HTTP layer's event loop and thread pool share the decoded images; the engine's worker and
+    the HTTP threads share the prompt cache. Without the lock, a ``get`` moving a key that another
+    thread just evicted raised ``KeyError``, and the total drifted."""
+    import sys
+    import threading
+
+    cache = SizedLRU[int](capacity=8, size=lambda value: 1 + value % 3)
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        try:
+            for i in range(20_000):
+                key = str((i * 7 + seed) % 13)
+                if cache.get(key) is None:
+                    cache.put(key, i)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert cache.total == sum(1 + value % 3 for value in cache._items.values()) <= cache.capacity
+    assert cache.hits + cache.misses == 4 * 20_000

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from service.lru import SizedLRU
 from service.model.attention import attention_for
 from service.model.lora.config import DEFAULT_TARGETS
 from service.model.lora.layers import SlotLinear
@@ -52,6 +53,10 @@ class PromptFormat:
         return self.template.format(images=self.image_placeholder * n_images, instruction=instruction)
 
 
+PROMPT_CACHE_TOKENS = 2**20
+"""Token ids kept by :attr:`BaseModel.prompt_ids` (about 8 MB of references): thousands of prompts."""
+
+
 @dataclass
 class BaseModel:
     """A loaded base: the transformers model (with VCE and slots), its tokenizer and image processor."""
@@ -64,6 +69,10 @@ class BaseModel:
     fingerprint: str
     slots: AdapterSlots | None = None
     prompt: PromptFormat = field(default_factory=PromptFormat)
+    # Prompts tokenised recently, by instruction and image count (see generate.encode_prompt),
+    # at most PROMPT_CACHE_TOKENS token ids in all.
+    prompt_ids: SizedLRU[tuple[int, ...]] = field(default_factory=lambda: SizedLRU(PROMPT_CACHE_TOKENS, size=len),
+                                                  repr=False)
 
     @property
     def device(self) -> torch.device:

@@ -322,3 +322,29 @@ def test_image_keys_given_by_the_caller_are_kept_and_checked(tiny_base, monkeypa
     assert cache.get("bytes:a") is not None and cache.get("bytes:b") is not None
     with pytest.raises(ValueError, match="2 image keys for 1 images"):
         check_request(tiny_base, GenerationRequest("x", [ims[0]], image_keys=["bytes:a", "bytes:b"]))
+
+
+def test_prompts_are_tokenised_once_per_instruction_and_image_count(tiny_base, monkeypatch):
+    first = encode_prompt(tiny_base, "What colour is it?", 1)
+    two_images = encode_prompt(tiny_base, "What colour is it?", 2)
+    assert two_images.count(tiny_base.image_token_id) == 2 * tiny_base.tokens_per_image
+
+    def tokenised_again(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(tiny_base, "tokenizer", tokenised_again)
+    again = encode_prompt(tiny_base, "What colour is it?", 1)
+    assert again == first and again is not first
+    again.append(0)  # a caller's copy: the cached prompt is untouched
+    assert encode_prompt(tiny_base, "What colour is it?", 1) == first
+    assert encode_prompt(tiny_base, "What colour is it?", 2) == two_images
+    with pytest.raises(AssertionError, match="tokenised again"):
+        encode_prompt(tiny_base, "Where is it?", 1)
+
+
+def test_a_refused_instruction_is_refused_again_not_cached(tiny_base):
+    image_token = tiny_base.image_token
+    for _ in range(2):
+        with pytest.raises(ValueError, match="image token"):
+            encode_prompt(tiny_base, f"What is {image_token} this?", 1)
+    assert len(tiny_base.prompt_ids) == 0
