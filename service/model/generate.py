@@ -23,6 +23,7 @@ from PIL import Image
 from transformers.cache_utils import Cache
 
 from service.lru import SizedLRU
+from service.model.attention import last_query_rows, leading_last_only_rows
 from service.model.base import BaseModel
 from service.model.kv_cache import (
     ReservedCache,
@@ -37,7 +38,7 @@ from service.model.kv_cache import (
 )
 from service.model.lora.context import adapter_batch
 from service.model.lora.weights import AdapterWeights
-from service.model.packing import PackedTokens, packed_tokens, packing_for
+from service.model.packing import packed_tokens, packing_for
 from service.model.prefix_cache import (
     PrefixCache,
     PrefixEntry,
@@ -672,23 +673,27 @@ def _forward(base: BaseModel, slots: torch.Tensor, adapter: AdapterWeights | Non
     index tensor rather than ``logits_to_keep=1``: transformers slices with the latter, and the
     LM head over that strided ``[B, 1, d]`` view runs as a batched matmul against ``B`` copies of
     its weight (a 16-row pass of 12 positions spent about 1 ms copying them on a 2-core CPU), while
-    the indexed hidden states are contiguous and take one plain matmul.
+    the indexed hidden states are contiguous and take one plain matmul. A pass of several positions
+    skips its padding where it can (:func:`_new_positions`).
     """
     if last_only:
         inputs["logits_to_keep"] = torch.tensor([-1], device=base.device)
+    real = _new_positions(base, inputs)
     with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(slots), \
-            packed_tokens(_packing(base, inputs)):
+            packed_tokens(None if real is None else packing_for(real)), \
+            last_query_rows(0 if real is None else leading_last_only_rows(real)):
         return base.model(use_cache=True, **inputs)
 
 
-def _packing(base: BaseModel, inputs: dict[str, Any]) -> PackedTokens | None:
-    """How a pass's linears skip its padding (:mod:`service.model.packing`): on a CPU, for passes of
-    more than one position. (On a GPU the multiplies of these small passes run in parallel anyway,
-    and finding the real positions would wait for the device; unmeasured, so left as it was.)"""
+def _new_positions(base: BaseModel, inputs: dict[str, Any]) -> torch.Tensor | None:
+    """``[B, L]``, 1 where a pass of several positions has a token, for skipping its padding
+    (:mod:`service.model.packing`, :func:`~service.model.attention.last_query_rows`); on a CPU only.
+    (On a GPU the multiplies of these small passes run in parallel anyway, and finding the real
+    positions would wait for the device; unmeasured, so left as it was.)"""
     new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
     if base.device.type != "cpu" or new.shape[1] == 1:
         return None
-    return packing_for(inputs["attention_mask"][:, -new.shape[1] :])
+    return inputs["attention_mask"][:, -new.shape[1] :]
 
 
 @torch.no_grad()

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from service.model.attention import SDPA_FLOAT32, attention_for, sdpa_float32_attention
+from service.model.attention import (
+    SDPA_FLOAT32,
+    SDPA_ROWS,
+    attention_for,
+    last_query_rows,
+    leading_last_only_rows,
+    rows_split,
+    sdpa_float32_attention,
+)
 from service.model.base import load_base
 from service.model.generate import GenerationRequest, embed_prompts, encode_prompt, generate, image_features
 from tests.model.test_generate import images
@@ -20,7 +28,7 @@ from tests.model.test_generate import images
     [
         ("cpu", torch.bfloat16, SDPA_FLOAT32),
         ("cpu", torch.float16, SDPA_FLOAT32),
-        ("cpu", torch.float32, None),
+        ("cpu", torch.float32, SDPA_ROWS),
         ("cuda", torch.bfloat16, None),
         ("cuda:0", torch.float16, None),
     ],
@@ -88,3 +96,60 @@ def test_a_bfloat16_base_on_cpu_runs_it_and_stays_close_to_float32(tiny_base_dir
 
     request = GenerationRequest("What colour is the part?", images()[:1], max_new_tokens=4)
     assert generate(half, [request])[0].token_ids == generate(half, [request, request])[1].token_ids
+
+
+def _join_layout(running: int, rests: list[int], length: int) -> torch.Tensor:
+    real = torch.zeros(running + len(rests), length, dtype=torch.long)
+    real[:running, -1] = 1
+    for row, n in enumerate(rests, start=running):
+        real[row, length - n :] = 1
+    return real
+
+
+@pytest.mark.parametrize(
+    ("real", "expected"),
+    [
+        (_join_layout(3, [4, 2], 4), 3),
+        (_join_layout(0, [4, 2], 4), 0),
+        (_join_layout(2, [], 3), 2),
+        (torch.tensor([[0, 1], [1, 1], [0, 1]]), 1),  # only the leading ones count
+        (torch.tensor([[0, 0, 1], [0, 1, 1]]), 1),
+        (torch.tensor([[0, 0, 0], [0, 0, 1]]), 0),  # an empty first row is not a running one
+    ],
+)
+def test_leading_rows_with_their_last_position_only(real, expected):
+    assert leading_last_only_rows(real) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups", [1, 2], ids=["mha", "gqa"])
+def test_split_rows_attend_as_the_whole_pass_does_where_it_is_read(dtype, groups):
+    """The running rows' last queries and the newcomers' queries get what one call over the whole
+    pass gives them; the running rows' padding positions get zeros (nothing reads them)."""
+    g = torch.Generator().manual_seed(2)
+    running, rests, length, cached, heads, d = 3, [5, 2], 5, 7, 4, 8
+    real = _join_layout(running, rests, length)
+    batch = real.shape[0]
+    keys_real = torch.cat([torch.ones(batch, cached, dtype=torch.long), real], dim=1)
+    keys_real[0, :2] = 0  # left padding in a running row's cache
+    allowed = keys_real[:, None, None, :].bool() & torch.ones(batch, 1, length, cached + length, dtype=torch.bool).tril(cached)
+    query = torch.randn(batch, heads, length, d, generator=g).to(dtype)
+    key = torch.randn(batch, heads // groups, cached + length, d, generator=g).to(dtype)
+    value = torch.randn(batch, heads // groups, cached + length, d, generator=g).to(dtype)
+    inner = sdpa_float32_attention if dtype == torch.bfloat16 else sdpa_attention_forward
+    module = _module(groups)
+    want, _ = inner(module, query, key, value, allowed, scaling=d**-0.5)
+    split = rows_split(inner)
+    with last_query_rows(leading_last_only_rows(real)):
+        got, _ = split(module, query, key, value, allowed, scaling=d**-0.5)
+    assert got.shape == want.shape == (batch, length, heads, d)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 1e-2}
+    torch.testing.assert_close(got[:running, -1], want[:running, -1], **tolerance)
+    torch.testing.assert_close(got[running:], want[running:], **tolerance)
+    assert not got[:running, :-1].any()
+    # Outside the block, with every row a newcomer, with one position or without a mask: the inner call.
+    for n, q, mask in ((0, query, allowed), (batch, query, allowed), (running, query[:, :, -1:], allowed[:, :, -1:]),
+                       (running, query, None)):
+        with last_query_rows(n):
+            got, _ = split(module, q, key, value, mask, scaling=d**-0.5)
+        assert torch.equal(got, inner(module, q, key, value, mask, scaling=d**-0.5)[0])

@@ -98,7 +98,8 @@ def base_with_all_slots(tiny_base_dir, caplog):
 def test_join_passes_run_their_linears_over_the_real_tokens_and_answer_as_each_request_alone(
         base_with_all_slots, monkeypatch):
     """Newcomers join running rows in a pass mostly of padding: its linears run packed (every slot
-    layer of the LLM), and every row still answers token for token as it does alone."""
+    layer of the LLM), the running rows attend with their one real query, and every row still
+    answers token for token as it does alone."""
     base = base_with_all_slots
     bias_eos(base, -1e4)
     load_random_adapters(base)
@@ -133,7 +134,16 @@ def test_join_passes_run_their_linears_over_the_real_tokens_and_answer_as_each_r
     batch.add(joiners, keys=["j0", "j1"], prefixes=prefixes)
     rests = [len(joiner.rest) for joiner in batch.joining]
     assert len(rests) == 2
-    got.update(batch.step())  # the join pass
+    o_proj = base.model.model.language_model.layers[0].self_attn.o_proj
+    attention_out = []
+    hook = o_proj.register_forward_pre_hook(lambda _module, args: attention_out.append(args[0]))
+    try:
+        got.update(batch.step())  # the join pass
+    finally:
+        hook.remove()
+    # The running rows attended with their last query only: their padding positions got zeros.
+    running_rows = attention_out[0][: len(running)]
+    assert running_rows.shape[1] > 1 and not running_rows[:, :-1].any() and running_rows[:, -1].abs().sum() > 0
     join_packing = packings[0]
     assert join_packing is not None and join_packing.rows == len(running) + 2
     # Each running row's one token and each joiner's prompt after its prefix: under half the pass.
