@@ -691,9 +691,10 @@ def _new_positions(base: BaseModel, inputs: dict[str, Any]) -> torch.Tensor | No
     (On a GPU the multiplies of these small passes run in parallel anyway, and finding the real
     positions would wait for the device; unmeasured, so left as it was.)"""
     new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-    if base.device.type != "cpu" or new.shape[1] == 1:
+    mask = inputs.get("attention_mask")
+    if base.device.type != "cpu" or new.shape[1] == 1 or mask is None or mask.dim() != 2:
         return None
-    return inputs["attention_mask"][:, -new.shape[1] :]
+    return mask[:, -new.shape[1] :]
 
 
 @torch.no_grad()
