@@ -20,8 +20,9 @@ from contextvars import ContextVar
 import torch
 
 MAX_REAL_FRACTION = 0.75
-"""Pack only a pass with at most this share of real positions: the gathers and scatters cost
-about what a quarter of the multiplies saves."""
+"""Pack only a pass with at most this share of real positions. A judgement, not a tuned optimum:
+the gathers and scatters cost the same whatever the padding, and a pass with little of it would
+not earn them back (the join passes this is for are two thirds padding or more)."""
 MIN_POSITIONS = 32
 """Nor a pass smaller than this (``B * L``), where the multiplies cost little either way."""
 

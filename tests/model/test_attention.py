@@ -21,6 +21,7 @@ from service.model.attention import (
 from service.model.base import load_base
 from service.model.generate import GenerationRequest, embed_prompts, encode_prompt, generate, image_features
 from tests.model.test_generate import images
+from tests.model.test_packing import join_mask
 
 
 @pytest.mark.parametrize(
@@ -98,20 +99,12 @@ def test_a_bfloat16_base_on_cpu_runs_it_and_stays_close_to_float32(tiny_base_dir
     assert generate(half, [request])[0].token_ids == generate(half, [request, request])[1].token_ids
 
 
-def _join_layout(running: int, rests: list[int], length: int) -> torch.Tensor:
-    real = torch.zeros(running + len(rests), length, dtype=torch.long)
-    real[:running, -1] = 1
-    for row, n in enumerate(rests, start=running):
-        real[row, length - n :] = 1
-    return real
-
-
 @pytest.mark.parametrize(
     ("real", "expected"),
     [
-        (_join_layout(3, [4, 2], 4), 3),
-        (_join_layout(0, [4, 2], 4), 0),
-        (_join_layout(2, [], 3), 2),
+        (join_mask(3, [4, 2], 4), 3),
+        (join_mask(0, [4, 2], 4), 0),
+        (join_mask(2, [], 3), 2),
         (torch.tensor([[0, 1], [1, 1], [0, 1]]), 1),  # only the leading ones count
         (torch.tensor([[0, 0, 1], [0, 1, 1]]), 1),
         (torch.tensor([[0, 0, 0], [0, 0, 1]]), 0),  # an empty first row is not a running one
@@ -128,7 +121,7 @@ def test_split_rows_attend_as_the_whole_pass_does_where_it_is_read(dtype, groups
     pass gives them; the running rows' padding positions get zeros (nothing reads them)."""
     g = torch.Generator().manual_seed(2)
     running, rests, length, cached, heads, d = 3, [5, 2], 5, 7, 4, 8
-    real = _join_layout(running, rests, length)
+    real = join_mask(running, rests, length)
     batch = real.shape[0]
     keys_real = torch.cat([torch.ones(batch, cached, dtype=torch.long), real], dim=1)
     keys_real[0, :2] = 0  # left padding in a running row's cache
