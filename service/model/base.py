@@ -54,7 +54,8 @@ class PromptFormat:
 
 
 PROMPT_CACHE_TOKENS = 2**20
-"""Token ids kept by :attr:`BaseModel.prompt_ids` (about 8 MB of references): thousands of prompts."""
+"""Token ids kept by :attr:`BaseModel.prompt_ids`: thousands of prompts in about 8 MB of references,
+plus their instructions' text (an instruction is never much longer than its tokens)."""
 
 
 @dataclass
