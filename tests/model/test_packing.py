@@ -162,8 +162,13 @@ def test_a_join_pass_gives_the_same_logits_packed_or_not(base_with_all_slots, mo
     """Packing changes which positions the multiplies see, not what the real ones get: the logits
     of a join pass match those of the same pass run padded."""
     base = base_with_all_slots
+    bias_eos(base, -1e4)
     load_random_adapters(base)
     ims = images()
+    scattered: list[int] = []
+    real_scatter = packing.PackedTokens.scatter
+    monkeypatch.setattr(packing.PackedTokens, "scatter", lambda self, y: (scattered.append(y.shape[0]),
+                                                                         real_scatter(self, y))[1])
     running = [GenerationRequest(q, [ims[i % 3]], slot=i % 4, max_new_tokens=4, prefix_scope=f"slot-{i % 4}")
                for i, q in enumerate(["Colour?", "Where?", "What is it?", "Broken?"] * 3)]
     joiner = GenerationRequest("How many parts are there in the picture?", [ims[1]], slot=2, max_new_tokens=4,
@@ -176,6 +181,8 @@ def test_a_join_pass_gives_the_same_logits_packed_or_not(base_with_all_slots, mo
         batch = RunningBatch.prefill(base, running, prefixes=prefixes)
         batch.step()
         batch.add([joiner], keys=["j"], prefixes=prefixes)
+        scattered.clear()
         batch.step()
+        assert bool(scattered) == (label == "packed")
         logits[label] = batch.logits
     torch.testing.assert_close(logits["packed"], logits["padded"], rtol=1e-5, atol=1e-5)
