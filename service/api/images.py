@@ -7,7 +7,6 @@ import base64
 import binascii
 import hashlib
 import io
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -121,21 +120,19 @@ class DecodedImages:
     per request in the load test (a py-spy profile; docs/benchmarks.md), on the cores the model
     runs on; a known image costs a hash of its encoded bytes instead. Only images that decoded
     without error are kept, so a known one is known good: identical bytes decode identically under
-    the same limits. Shared by the event loop and the thread pool, hence the lock.
+    the same limits. Shared by the event loop and the thread pool (the LRU takes its own lock).
     """
 
     def __init__(self, capacity_bytes: int):
         self._images: SizedLRU[DecodedImage] = SizedLRU(
             capacity_bytes, size=lambda entry: entry.image.width * entry.image.height * 3)
-        self._lock = threading.Lock()
 
     def _looks_up_on_the_loop(self, encoded: list[bytes]) -> bool:
         # Uploads of more than INLINE_MAX_BYTES in all are not hashed on the event loop.
         return bool(self._images.capacity) and sum(len(data) for data in encoded) <= INLINE_MAX_BYTES
 
     def _get(self, key: str) -> DecodedImage | None:
-        with self._lock:
-            found = self._images.get(key)
+        found = self._images.get(key)
         (_HITS if found is not None else _MISSES).inc()
         return found
 
@@ -158,6 +155,5 @@ class DecodedImages:
         if found is not None:
             return found
         decoded = DecodedImage(decode_image(data, max_bytes, max_pixels, label), key)
-        with self._lock:
-            self._images.put(key, decoded)
+        self._images.put(key, decoded)
         return decoded
