@@ -9,8 +9,16 @@ import pytest
 from tests.helpers import load_bench_script
 
 
-def test_engine_policies_reports_every_policy(tiny_base_dir, capsys):
+def test_engine_policies_reports_every_policy(tiny_base_dir, capsys, monkeypatch):
     module = load_bench_script("engine_policies")
+    seen = []  # the policy in force at each run, and the engine that ran it
+    run = module.closed_loop
+
+    def recorded(engine, jobs):
+        seen.append((engine.settings.join_ratio, engine.settings.max_join_steps, id(engine)))
+        return run(engine, jobs)
+
+    monkeypatch.setattr(module, "closed_loop", recorded)
     summary = module.main(["--model", str(tiny_base_dir), "--policy", "default=1,8", "--policy", "one-batch=100,10000",
                            "--clients", "3", "--requests-per-client", "2", "--rounds", "2", "--adapters", "1",
                            "--max-new-tokens", "3"])
@@ -19,6 +27,9 @@ def test_engine_policies_reports_every_policy(tiny_base_dir, capsys):
     assert [(r[0], r[1], r[2]) for r in rows] == [("default", "1", "8"), ("one-batch", "100", "10000")]
     for label, s in summary.items():
         assert s["rps"] > 0 and 1 <= s["batch_size"] <= 3, (label, s)
+    # one engine throughout; after the warm-up, each round visits both policies, in alternating order
+    assert len({engine for *_, engine in seen}) == 1
+    assert [policy for *policy, _ in seen[1:]] == [[1, 8], [100, 10000], [100, 10000], [1, 8]]
 
 
 @pytest.mark.parametrize("spec", ["x=1", "x=a,b", "=1,8", "x"])
