@@ -75,12 +75,7 @@ def leading_last_only_rows(real: torch.Tensor) -> int:
     """How many leading rows of ``real [B, L]`` (1 = a token) hold one token, in the last position:
     the running rows of a join pass."""
     single = (real[:, -1] == 1) & (real[:, :-1] == 0).all(-1)
-    count = 0
-    for flag in single.tolist():
-        if not flag:
-            break
-        count += 1
-    return count
+    return int(single.long().cumprod(0).sum())  # (the leading run of such rows)
 
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, None]]
