@@ -113,6 +113,10 @@ class SlotTable:
 
 class Engine:
     def __init__(self, settings: Settings, base: BaseModel | None = None):
+        """``base``: an already loaded base to serve (tests, embedding) instead of loading
+        ``settings.model``; it must have at least ``settings.n_slots`` adapter slots."""
+        if base is not None and settings.n_slots > base.slots.n_slots:
+            raise ValueError(f"the base has {base.slots.n_slots} adapter slots, the settings ask for {settings.n_slots}")
         self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)

@@ -47,6 +47,7 @@ def make_app(tiny_base, tmp_path):
     engines = []
 
     def make(**overrides):
+        overrides.setdefault("n_slots", tiny_base.slots.n_slots)
         settings = Settings(model=tmp_path, adapter_dir=tmp_path / "adapters", data_dir=tmp_path / "data", **overrides)
 
         def factory(s):

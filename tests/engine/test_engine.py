@@ -24,6 +24,7 @@ def make_engine(tiny_base, tmp_path):
     engines = []
 
     def make(**overrides):
+        overrides.setdefault("n_slots", tiny_base.slots.n_slots)
         settings = Settings(model=tmp_path, adapter_dir=tmp_path / "adapters", **overrides)
         engine = Engine(settings, base=tiny_base)
         engines.append(engine)
@@ -317,3 +318,75 @@ def test_torch_threads_sets_the_model_threads(make_engine):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_many_clients_on_more_adapters_than_slots_with_a_swap_and_cancels(make_engine, tiny_base, tmp_path):
+    """Everything at once, as a loaded server sees it: 8 client threads asking on the base and on 5
+    adapters (LoRA and Dual-LoRA) through 2 slots, so adapters are evicted and loaded again between
+    and during batches and their image prefixes must never be mixed up; a new version of one adapter
+    goes live while requests run; some rows are cancelled. Every answer equals what the version it
+    reports answers alone, every cancelled row ends, and nothing is left behind."""
+    import random
+
+    bias_eos(tiny_base, -1e4)  # answers run to their max_new_tokens: rows leave at different steps
+    store = tmp_path / "adapters"
+    names = ["a", "b", "c", "d", "e"]
+    for seed, name in enumerate(names, start=1):
+        publish_random_adapter(tiny_base, store, name, 1, seed=seed, peft_type="LORA" if name in "ce" else "DUAL_LORA")
+    engine = make_engine(n_slots=2, max_batch_size=6, max_wait_ms=2)
+    questions = [("What colour?", [RED]), ("Where is it?", [GREEN]), ("What colour?", [GREEN, RED]), ("Describe", [])]
+    outcomes: list[tuple[tuple, dict | None]] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        for _ in range(6):
+            adapter = rng.choice([None, *names, "a@1"])
+            q = rng.randrange(len(questions))
+            tokens = rng.randint(1, 8)
+            row = engine.submit(AnswerJob(questions[q][0], questions[q][1], adapter, tokens))
+            if rng.random() < 0.2:
+                time.sleep(rng.random() * 0.004)
+                row.cancel()
+            try:  # (a row cancelled while decoding is answered with what it has, "cancelled")
+                result = row.future.result(timeout=120)
+            except Exception as exc:  # only a row cancelled before it started may end without one
+                assert "cancelled" in str(exc), exc
+                result = None
+            with lock:
+                outcomes.append(((q, tokens), result))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for thread in threads:
+        thread.start()
+    assert poll(lambda: len(outcomes) >= 12, 60)
+    publish_random_adapter(tiny_base, store, "a", 2, seed=11)  # goes live mid-run
+    for thread in threads:
+        thread.join(180)
+        assert not thread.is_alive()
+
+    assert len(outcomes) == 48
+    answered = [(key, r) for key, r in outcomes if r is not None]
+    assert len(answered) >= 30
+    assert {r["adapter"]["version"] for _, r in answered if r["adapter"] and r["adapter"]["name"] == "a"} <= {1, 2}
+    assert engine.answer(AnswerJob("What colour?", [RED], "a", 2))["adapter"]["version"] == 2
+    assert max(r["timing_ms"]["batch_size"] for _, r in answered) > 2
+    reference = make_engine(max_batch_size=1)  # (4 slots: every adapter stays resident)
+    for (q, tokens), result in answered:
+        ref = result["adapter"]
+        pinned = f"{ref['name']}@{ref['version']}" if ref else None
+        want = reference.answer(AnswerJob(questions[q][0], questions[q][1], pinned, tokens))
+        if result["finish_reason"] == "cancelled":  # cancelled while decoding: what it had so far
+            assert want["answer"].startswith(result["answer"]), (q, tokens, pinned)
+            assert result["usage"]["completion_tokens"] < tokens
+            continue
+        assert result["answer"] == want["answer"], (q, tokens, pinned)
+        assert result["usage"]["completion_tokens"] == tokens
+    assert engine._running is None or not engine._running
+    assert engine._queue.qsize() == 0 and len(engine.slots.resident) <= 2
+
+
+def test_a_given_base_with_fewer_slots_than_the_settings_is_refused(tiny_base, tmp_path):
+    settings = Settings(model=tmp_path, adapter_dir=tmp_path / "adapters", n_slots=tiny_base.slots.n_slots + 1)
+    with pytest.raises(ValueError, match="adapter slots"):
+        Engine(settings, base=tiny_base)
