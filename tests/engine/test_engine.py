@@ -336,10 +336,16 @@ def test_many_clients_on_more_adapters_than_slots_with_a_swap_and_cancels(make_e
     engine = make_engine(n_slots=2, max_batch_size=6, max_wait_ms=2)
     questions = [("What colour?", [RED]), ("Where is it?", [GREEN]), ("What colour?", [GREEN, RED]), ("Describe", [])]
     outcomes: list[tuple[tuple, dict | None]] = []
+    errors: list[str] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        rng = random.Random(c)
+        try:
+            ask(random.Random(c))
+        except BaseException as exc:  # (a thread's failure would otherwise only show as a missing outcome)
+            errors.append(f"client {c}: {exc!r}")
+
+    def ask(rng: random.Random) -> None:
         for _ in range(6):
             adapter = rng.choice([None, *names, "a@1"])
             q = rng.randrange(len(questions))
@@ -365,13 +371,13 @@ def test_many_clients_on_more_adapters_than_slots_with_a_swap_and_cancels(make_e
         thread.join(180)
         assert not thread.is_alive()
 
-    assert len(outcomes) == 48
+    assert not errors and len(outcomes) == 48, errors
     answered = [(key, r) for key, r in outcomes if r is not None]
     assert len(answered) >= 30
     assert {r["adapter"]["version"] for _, r in answered if r["adapter"] and r["adapter"]["name"] == "a"} <= {1, 2}
     assert engine.answer(AnswerJob("What colour?", [RED], "a", 2))["adapter"]["version"] == 2
     assert max(r["timing_ms"]["batch_size"] for _, r in answered) > 2
-    reference = make_engine(max_batch_size=1)  # (4 slots: every adapter stays resident)
+    reference = make_engine(max_batch_size=1, prefix_cache_mb=0)  # the plainest path: one row, no prefix cache
     for (q, tokens), result in answered:
         ref = result["adapter"]
         pinned = f"{ref['name']}@{ref['version']}" if ref else None
