@@ -126,6 +126,7 @@ def test_random_schedules_decode_every_row_as_alone(base, monkeypatch):
         monkeypatch.setattr(owner, name, counted)
 
     count(RunningBatch, "_join", "join")
+    # (a packed pass in which some row brings only its last position: a running row in a join pass)
     count(generation, "packing_for", "packed join", lambda out, real: out is not None and real.shape[1] > 1
           and bool((real[:, :-1] == 0).all(-1).any()))
     count(generation, "leading_last_only_rows", "split attention", lambda out, real: out > 0)
