@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -326,8 +327,6 @@ def test_many_clients_on_more_adapters_than_slots_with_a_swap_and_cancels(make_e
     and during batches and their image prefixes must never be mixed up; a new version of one adapter
     goes live while requests run; some rows are cancelled. Every answer equals what the version it
     reports answers alone, every cancelled row ends, and nothing is left behind."""
-    import random
-
     bias_eos(tiny_base, -1e4)  # answers run to their max_new_tokens: rows leave at different steps
     store = tmp_path / "adapters"
     names = ["a", "b", "c", "d", "e"]
