@@ -49,6 +49,7 @@ from service.model.prefix_cache import (
     read_prefix,
     supports_prefixes,
 )
+from service.model.serving_forward import serving_forward
 
 
 class PromptTooLongError(ValueError):
@@ -674,14 +675,19 @@ def _forward(base: BaseModel, slots: torch.Tensor, adapter: AdapterWeights | Non
     LM head over that strided ``[B, 1, d]`` view runs as a batched matmul against ``B`` copies of
     its weight (a 16-row pass of 12 positions spent about 1 ms copying them on a 2-core CPU), while
     the indexed hidden states are contiguous and take one plain matmul. A pass of several positions
-    skips its padding where it can (:func:`_new_positions`).
+    skips its padding where it can (:func:`_new_positions`). Inference on a Llama base runs
+    :mod:`service.model.serving_forward` (the same computation without transformers' per-call
+    glue), anything else transformers' forward.
     """
-    if last_only:
-        inputs["logits_to_keep"] = torch.tensor([-1], device=base.device)
     real = _new_positions(base, inputs)
     with adapter_batch(None, trainable=adapter) if adapter is not None else adapter_batch(slots), \
             packed_tokens(None if real is None else packing_for(real)), \
             last_query_rows(0 if real is None else leading_last_only_rows(real)):
+        forward = serving_forward(base.model)
+        if forward is not None:
+            return forward(last_only=last_only, **inputs)
+        if last_only:
+            inputs["logits_to_keep"] = torch.tensor([-1], device=base.device)
         return base.model(use_cache=True, **inputs)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import service.model.generate as generate_module
 from service.model.generate import (
     GenerationRequest,
     ImageFeatureCache,
@@ -118,7 +119,7 @@ def test_image_features_are_computed_once_per_distinct_image(tiny_base):
     assert [r.token_ids for r in first] == [r.token_ids for r in second]
 
 
-def test_finished_rows_leave_the_batch(tiny_base):
+def test_finished_rows_leave_the_batch(tiny_base, monkeypatch):
     """Decode steps after a row finishes run without it, and without the padding only it needed."""
     bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
     load_random_adapters(tiny_base)
@@ -129,12 +130,15 @@ def test_finished_rows_leave_the_batch(tiny_base):
         GenerationRequest("Describe it", [], slot=3, max_new_tokens=5),
     ]
     masks: list[tuple[int, int]] = []
-    hook = tiny_base.model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: masks.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True)
-    try:
+    forward = generate_module._forward
+
+    def recording_forward(*args, **inputs):
+        masks.append(tuple(inputs["attention_mask"].shape))
+        return forward(*args, **inputs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "_forward", recording_forward)
         batched = generate(tiny_base, requests)
-    finally:
-        hook.remove()
     assert [len(r.token_ids) for r in batched] == [2, 0, 5]
     for req, got in zip(requests, batched, strict=True):
         assert got.token_ids == generate(tiny_base, [req])[0].token_ids
