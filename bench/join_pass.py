@@ -38,6 +38,7 @@ from service.model.base import load_base  # noqa: E402
 from service.model.kv_cache import ReservedCache  # noqa: E402
 from service.model.lora import adapter_batch  # noqa: E402
 from service.model.packing import packed_tokens, packing_for  # noqa: E402
+from service.model.serving_forward import ServingForward  # noqa: E402
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("padded", "packed", "packed+split")
@@ -86,6 +87,8 @@ def main() -> None:
     kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     room = torch.zeros(rows, kept[0][0].shape[1], length + 8, kept[0][0].shape[3], dtype=kept[0][0].dtype)
 
+    forward = ServingForward(base.model)  # the engine's forward pass
+
     def run(variant: str) -> tuple[float, torch.Tensor]:
         for layer, (keys, values) in zip(cache.layers, kept, strict=True):  # (the pass's own columns forgotten)
             layer.adopt(torch.cat([keys, room], 2), torch.cat([values, room], 2), cached)
@@ -93,8 +96,7 @@ def main() -> None:
         split = leading_last_only_rows(real) if variant == "packed+split" else 0
         start = time.perf_counter()
         with torch.no_grad(), adapter_batch(slots), packed_tokens(packing), last_query_rows(split):
-            out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=torch.tensor([-1]))
+            out = forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
         return (time.perf_counter() - start) * 1e3, out.logits[:, -1].float()
 
     logits = {variant: run(variant)[1] for variant in VARIANTS}
