@@ -4,9 +4,10 @@ transformers runs each forward pass through layers of general machinery: decorat
 model, the language model, every decoder layer and every attention (output capturing, default
 arguments from the config, deprecated-argument checks, gradient checkpointing, the kernel hub's
 routing) and a mask factory written for every kind of attention. On the demo base that glue is a
-fixed ~0.7 ms of every pass on a 2-core CPU, whatever the batch: a one-row decode step took 2.25
-ms through ``LlavaForConditionalGeneration.forward`` and 1.54 ms here, a 12-row one 4.59 against
-3.76 ms (docs/benchmarks.md). An answer of a dozen tokens is a dozen passes.
+fixed 0.5-0.7 ms of every pass on a 2-core CPU, whatever the batch: a one-row float32 decode step
+took 2.27 ms through ``LlavaForConditionalGeneration.forward`` and 1.81 ms here, a 12-row one 4.97
+against 4.35 ms (``bench/serving_forward.py``, docs/benchmarks.md). An answer of a dozen tokens is
+a dozen passes.
 
 :class:`ServingForward` runs the same modules (embeddings, RMSNorms, the adapter slot linears,
 the rotary embedding, MLPs, the LM head), the same cache and the same registered attention
