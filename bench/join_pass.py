@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,32 @@ def join_layout(running: int, joining: int, positions: int) -> torch.Tensor:
     return real
 
 
+def mixed_slots(rows: int) -> torch.Tensor:
+    """``[rows]`` slot ids alternating between the base (0) and the adapters in slots 1-4."""
+    return torch.tensor([0 if i % 2 == 0 else 1 + (i // 2) % 4 for i in range(rows)])
+
+
+def cached_rows(base, slots: torch.Tensor, cached: int, room: int,
+                generator: torch.Generator) -> tuple[ReservedCache, Callable[[], None]]:
+    """A cache holding ``cached`` random positions of each row on ``slots``, and what resets it to
+    them (forgetting the columns a pass wrote since), with room for ``room`` more in place."""
+    vocab = base.model.config.text_config.vocab_size
+    rows = len(slots)
+    cache = ReservedCache(base.model.config)
+    with torch.no_grad(), adapter_batch(slots):
+        base.model(input_ids=torch.randint(5, vocab, (rows, cached), generator=generator),
+                   attention_mask=torch.ones(rows, cached, dtype=torch.long), cache=cache, use_cache=True,
+                   logits_to_keep=1)
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    spare = torch.zeros(rows, kept[0][0].shape[1], room, kept[0][0].shape[3], dtype=kept[0][0].dtype)
+
+    def reset() -> None:
+        for layer, (keys, values) in zip(cache.layers, kept, strict=True):
+            layer.adopt(torch.cat([keys, spare], 2), torch.cat([values, spare], 2), cached)
+
+    return cache, reset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -74,24 +101,16 @@ def main() -> None:
     rows, length, cached = args.running + args.joining, args.positions, args.cached
     vocab = base.model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    slots = torch.tensor([0 if i % 2 == 0 else 1 + (i // 2) % 4 for i in range(rows)])
+    slots = mixed_slots(rows)
     real = join_layout(args.running, args.joining, length)
     mask = torch.cat([torch.ones(rows, cached, dtype=torch.long), real], dim=1)
     ids = torch.randint(5, vocab, (rows, length), generator=generator)
     positions = torch.arange(cached, cached + length).expand(rows, length)
-    cache = ReservedCache(base.model.config)
-    with torch.no_grad(), adapter_batch(slots):
-        base.model(input_ids=torch.randint(5, vocab, (rows, cached), generator=generator),
-                   attention_mask=torch.ones(rows, cached, dtype=torch.long), cache=cache, use_cache=True,
-                   logits_to_keep=1)
-    kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    room = torch.zeros(rows, kept[0][0].shape[1], length + 8, kept[0][0].shape[3], dtype=kept[0][0].dtype)
-
+    cache, reset = cached_rows(base, slots, cached, length + 8, generator)
     forward = ServingForward(base.model)  # the engine's forward pass
 
     def run(variant: str) -> tuple[float, torch.Tensor]:
-        for layer, (keys, values) in zip(cache.layers, kept, strict=True):  # (the pass's own columns forgotten)
-            layer.adopt(torch.cat([keys, room], 2), torch.cat([values, room], 2), cached)
+        reset()  # (the pass's own columns forgotten)
         packing = packing_for(real) if variant != "padded" else None
         split = leading_last_only_rows(real) if variant == "packed+split" else 0
         start = time.perf_counter()

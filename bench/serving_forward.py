@@ -25,13 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.join_pass import ALL_LINEARS, join_layout  # noqa: E402
+from bench.join_pass import ALL_LINEARS, cached_rows, join_layout, mixed_slots  # noqa: E402
 from bench.serve_load import random_adapter  # noqa: E402
 from service.config import DEFAULT_MODEL_DIR  # noqa: E402
 from service.model.attention import last_query_rows, leading_last_only_rows  # noqa: E402
 from service.model.base import load_base  # noqa: E402
 from service.model.generate import left_padded_positions  # noqa: E402
-from service.model.kv_cache import ReservedCache  # noqa: E402
 from service.model.lora import adapter_batch  # noqa: E402
 from service.model.packing import packed_tokens, packing_for  # noqa: E402
 from service.model.serving_forward import ServingForward  # noqa: E402
@@ -44,14 +43,8 @@ def time_pass(base, rows: int, length: int, real: torch.Tensor, cached: int, rou
     """Median ms of one pass of ``length`` new positions (``real [rows, length]``: 1 = a token)
     after ``cached`` positions, through each forward; and their largest logit difference."""
     vocab = base.model.config.text_config.vocab_size
-    slots = torch.tensor([0 if i % 2 == 0 else 1 + (i // 2) % 4 for i in range(rows)])
-    cache = ReservedCache(base.model.config)
-    with torch.no_grad(), adapter_batch(slots):
-        base.model(input_ids=torch.randint(5, vocab, (rows, cached), generator=generator),
-                   attention_mask=torch.ones(rows, cached, dtype=torch.long), cache=cache, use_cache=True,
-                   logits_to_keep=1)
-    kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    room = torch.zeros(rows, kept[0][0].shape[1], length + 31, kept[0][0].shape[3], dtype=kept[0][0].dtype)
+    slots = mixed_slots(rows)
+    cache, reset = cached_rows(base, slots, cached, length + 31, generator)
     mask = torch.cat([torch.ones(rows, cached, dtype=torch.long), real], dim=1)
     ids = torch.randint(5, vocab, (rows, length), generator=generator)
     positions = left_padded_positions(mask)[:, -length:]
@@ -66,8 +59,7 @@ def time_pass(base, rows: int, length: int, real: torch.Tensor, cached: int, rou
     }
 
     def run(name: str) -> tuple[float, torch.Tensor]:
-        for layer, (keys, values) in zip(cache.layers, kept, strict=True):  # (the pass's own columns forgotten)
-            layer.adopt(torch.cat([keys, room], 2), torch.cat([values, room], 2), cached)
+        reset()  # (the pass's own columns forgotten)
         start = time.perf_counter()
         with torch.no_grad(), adapter_batch(slots), packed_tokens(packing), last_query_rows(split):
             out = forwards[name]()
