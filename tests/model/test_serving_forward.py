@@ -174,3 +174,31 @@ def test_it_stands_in_only_where_it_computes_what_transformers_does(tiny_base):
         finally:
             model.set_attn_implementation("sdpa_rows")
         assert "only LlamaModel" in unsupported_reason(SimpleNamespace(model=SimpleNamespace(language_model=object())))
+
+
+def test_generation_answers_the_same_through_either_forward(tiny_base, monkeypatch):
+    """Batched generation with mixed adapters, through the serving forward and through transformers'
+    (what a base it does not apply to runs): the same tokens."""
+    import service.model.generate as generation
+    from service.model.generate import GenerationRequest, generate
+    from tests.helpers import bias_eos
+    from tests.model.test_generate import images
+
+    bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
+    load_random_adapters(tiny_base)
+    ims = images()
+    requests = [GenerationRequest("What colour is the part?", [ims[0]], slot=1, max_new_tokens=5),
+                GenerationRequest("Describe", [], slot=0, max_new_tokens=3),
+                GenerationRequest("Where is it?", [ims[1], ims[2]], slot=3, max_new_tokens=4, temperature=0.8, seed=3)]
+    used = []
+    real = generation.serving_forward
+
+    def recording(model):
+        used.append(real(model))
+        return used[-1]
+
+    monkeypatch.setattr(generation, "serving_forward", recording)
+    served = [r.token_ids for r in generate(tiny_base, requests)]
+    assert used and all(forward is not None for forward in used)
+    monkeypatch.setattr(generation, "serving_forward", lambda model: None)
+    assert [r.token_ids for r in generate(tiny_base, requests)] == served
