@@ -39,7 +39,7 @@ FORWARDS = ("transformers", "serving")
 
 
 def time_pass(base, rows: int, length: int, real: torch.Tensor, cached: int, rounds: int,
-              generator: torch.Generator) -> dict[str, float | list[float]]:
+              generator: torch.Generator) -> dict[str, float]:
     """Median ms of one pass of ``length`` new positions (``real [rows, length]``: 1 = a token)
     after ``cached`` positions, through each forward; and their largest logit difference."""
     vocab = base.model.config.text_config.vocab_size
@@ -70,7 +70,7 @@ def time_pass(base, rows: int, length: int, real: torch.Tensor, cached: int, rou
     for round_ in range(rounds):
         for name in FORWARDS if round_ % 2 == 0 else FORWARDS[::-1]:
             times[name].append(run(name)[0])
-    result: dict[str, float | list[float]] = {name: statistics.median(times[name]) for name in FORWARDS}
+    result = {name: statistics.median(times[name]) for name in FORWARDS}
     result["difference"] = (logits["serving"] - logits["transformers"]).abs().max().item()
     return result
 
