@@ -92,7 +92,6 @@ class ServingForward:
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.language_model: LlamaModel = model.model.language_model
         self.lm_head: nn.Module = model.lm_head
 
