@@ -28,7 +28,6 @@ from service.model.base import BaseModel
 from service.model.kv_cache import (
     ReservedCache,
     ReservedLayer,
-    append_rows,
     compact_rows,
     drop_leading_columns,
     is_growing,
@@ -42,10 +41,10 @@ from service.model.packing import packed_tokens, packing_for
 from service.model.prefix_cache import (
     PrefixCache,
     PrefixEntry,
+    append_prefixes,
     cache_of_prefixes,
     prefix_key,
     prefix_length,
-    prefix_rows,
     read_prefix,
     supports_prefixes,
 )
@@ -626,8 +625,7 @@ class RunningBatch:
         if width > self.mask.shape[1]:
             widen(self.cache, width)
             self.mask = left_pad(self.mask, width, 1)
-        kv, prefix_mask = prefix_rows(entries, width)
-        append_rows(self.cache, kv, room=span)
+        prefix_mask = append_prefixes(self.cache, entries, room=span)
         pad = self.base.tokenizer.pad_token_id if self.base.tokenizer.pad_token_id is not None else 0
         ids = torch.full((running + len(joining), span), pad, dtype=torch.long, device=device)
         new_mask = torch.zeros((running + len(joining), span), dtype=self.mask.dtype, device=device)

@@ -11,7 +11,7 @@ Rows leaving (:meth:`ReservedLayer.batch_select_indices`, :meth:`ReservedLayer.m
 leading padding columns dropped (:meth:`ReservedLayer.drop_leading`) and rows joining keep room:
 a row selection copies the buffer once, moving rows copies only the rows that move, a column drop
 is a view, and a join either writes both groups into one new buffer (:func:`stack_rows`) or, when
-the buffer has spare rows and room, writes only the newcomers into it (:func:`append_rows`).
+the buffer has spare rows and room, writes only the newcomers into it (:meth:`ReservedLayer.add_rows`).
 """
 
 from __future__ import annotations
@@ -114,21 +114,25 @@ class ReservedLayer(DynamicLayer):
         """Copy rows ``sources`` over rows ``targets``, then keep the first ``n_rows`` (the rows
         after them stay in the buffers as spare rows).
 
-        A few rows are copied one by one: each is one contiguous block, and on a 2-core CPU two
-        rows of a 16-row bfloat16 buffer took 11 us that way against 53 us through an indexed
-        assignment (``buffer[targets] = buffer[sources]``, which gathers them first).
+        Only the filled columns move: the room after them is written before it is read, and the
+        forgotten columns before them are zeroed when :meth:`widen` takes them back. A few rows
+        are copied one by one: on a 2-core CPU two rows of a 16-row bfloat16 buffer took 11 us
+        that way against 53 us through an indexed assignment (``buffer[targets] =
+        buffer[sources]``, which gathers them first).
         """
         if self.get_seq_length() > 0:
             indexed = None
             if len(targets) > FEW_ROWS:  # (one pair of index tensors for both buffers)
                 device = self._buffers["keys"].device
                 indexed = torch.tensor(targets, device=device), torch.tensor(sources, device=device)
-            for buffer in self._buffers.values():
+            for name, buffer in self._buffers.items():
+                start, end = self._spans[name]
+                filled = buffer[:, :, start:end]
                 if indexed is not None:
-                    buffer.index_copy_(0, indexed[0], buffer.index_select(0, indexed[1]))
+                    filled.index_copy_(0, indexed[0], filled.index_select(0, indexed[1]))
                     continue
                 for target, source in zip(targets, sources, strict=True):
-                    buffer[target].copy_(buffer[source])
+                    filled[target].copy_(filled[source])
             self._rows = n_rows
 
     def widen(self, width: int) -> None:
@@ -153,24 +157,37 @@ class ReservedLayer(DynamicLayer):
     def append_rows(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
         """Add rows ``keys`` / ``values [n, kv_heads, length, head_dim]`` below the rows present,
         ``length`` being this layer's filled length (pad them on the left to it), and make sure of
-        ``room`` free positions after it. The rows present are copied only when the buffers lack
-        the spare rows or the room; a new buffer gets :data:`DEFAULT_ROW_ROOM` spare rows and
-        ``room`` + ``reserve`` positions of room."""
-        n = keys.shape[0]
+        ``room`` free positions after it (see :meth:`add_rows`)."""
+        length = self.get_seq_length()
+        for part in (keys, values):
+            if part.shape[-2] != length:
+                raise ValueError(f"new rows have {part.shape[-2]} positions, the cache {length}")
+        new_keys, new_values = self.add_rows(keys.shape[0], room)
+        new_keys.copy_(keys)
+        new_values.copy_(values)
+
+    def add_rows(self, n: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make ``n`` rows below the rows present, with ``room`` free positions after the filled
+        length, and return them for the caller to fill: ``keys`` and ``values [n, kv_heads,
+        length, head_dim]``, views of the buffers holding whatever was there before.
+
+        The rows present are copied only when the buffers lack the spare rows or the room; a new
+        buffer gets :data:`DEFAULT_ROW_ROOM` spare rows and ``room`` + ``reserve`` positions of room.
+        """
         rows = self.keys.shape[0]
-        for name, part in (("keys", keys), ("values", values)):
+        views = []
+        for name in ("keys", "values"):
             buffer, (start, end) = self._buffers[name], self._spans[name]
-            if part.shape[-2] != end - start:
-                raise ValueError(f"new rows have {part.shape[-2]} positions, the cache {end - start}")
             if buffer.shape[0] < rows + n or buffer.shape[-2] - end < room:
                 filled = self._filled(name)
                 _, heads, width, dim = filled.shape
                 buffer = filled.new_empty(rows + n + DEFAULT_ROW_ROOM, heads, width + room + self.reserve, dim)
                 buffer[:rows, :, :width] = filled
                 start, end = 0, width
-            buffer[rows : rows + n, :, start:end] = part
             self._buffers[name], self._spans[name] = buffer, (start, end)
+            views.append(buffer[rows : rows + n, :, start:end])
         self._rows = rows + n
+        return views[0], views[1]
 
     def drop_leading(self, n: int) -> None:
         """Forget the first ``n`` filled columns (padding no row needs any more); a view, no copy."""
@@ -226,14 +243,6 @@ def stack_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
         else:
             mine.keys = torch.cat([left_pad(mine.keys, width, -2), left_pad(theirs.keys, width, -2)])
             mine.values = torch.cat([left_pad(mine.values, width, -2), left_pad(theirs.values, width, -2)])
-
-
-def append_rows(cache: DynamicCache, rows: torch.Tensor, room: int) -> None:
-    """Add ``rows [layers, 2 (keys, values), n, kv_heads, length, head_dim]`` below every layer's
-    rows (all :class:`ReservedLayer`, ``length`` their filled length), with ``room`` positions free
-    after it (see :meth:`ReservedLayer.append_rows`)."""
-    for index, layer in enumerate(cache.layers):
-        layer.append_rows(rows[index, 0], rows[index, 1], room)
 
 
 def widen(cache: DynamicCache, width: int) -> None:

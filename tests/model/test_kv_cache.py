@@ -10,7 +10,6 @@ from service.model.kv_cache import (
     DEFAULT_ROW_ROOM,
     ReservedCache,
     ReservedLayer,
-    append_rows,
     compact_rows,
     drop_leading_columns,
     is_growing,
@@ -57,6 +56,11 @@ PROGRAMS = {
     "rows appended, then into the spare rows left": [("prefill", 2, 5), ("step",), ("append", 2), ("step",),
                                                      ("compact", [0, 3]), ("append", 1), ("step",), ("step",)],
     "appended past the room": [("prefill", 1, 3)] + [("append", 1), ("step",)] * 6,
+    "rows moved after a column drop, then widened over it": [("prefill", 5, 6), ("step",), ("drop", 3),
+                                                            ("compact", [3, 4]), ("widen", 7), ("step",)],
+    "many rows moved, only their filled columns": [("prefill", 12, 4), ("step",), ("drop", 1),
+                                                   ("compact", [0, 7, 8, 9, 10, 11]), ("step",), ("widen", 6),
+                                                   ("step",)],
     "widened in place over dropped columns": [("prefill", 3, 6), ("step",), ("drop", 4), ("widen", 6), ("append", 1),
                                              ("step",)],
     "widened into a new buffer": [("prefill", 2, 4), ("widen", 9), ("append", 1), ("step",), ("select", [2, 0]),
@@ -178,7 +182,8 @@ def test_appended_rows_go_into_spare_rows_and_room_without_a_copy():
     cache = Cache(layers=[ReservedLayer(reserve=8), ReservedLayer(reserve=8)])
     for layer in cache.layers:
         layer.update(*kv(3, 5, 0))
-    append_rows(cache, torch.stack([torch.stack(kv(2, 5, 1))] * 2), room=4)  # no spare rows yet: a copy
+    for layer in cache.layers:
+        layer.append_rows(*kv(2, 5, 1), room=4)  # no spare rows yet: a copy
     layer = cache.layers[0]
     buffer = layer._buffers["keys"]
     assert buffer.shape[0] == 5 + DEFAULT_ROW_ROOM and layer.keys.shape == (5, 2, 5, 4)

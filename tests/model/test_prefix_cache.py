@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from transformers.cache_utils import Cache
 
 from service.model.generate import GenerationRequest, RunningBatch, encode_prompt, generate
+from service.model.kv_cache import ReservedLayer
 from service.model.lora import AdapterConfig
-from service.model.prefix_cache import PrefixCache, PrefixEntry, prefix_key, prefix_length
+from service.model.prefix_cache import (
+    PrefixCache,
+    PrefixEntry,
+    append_prefixes,
+    prefix_key,
+    prefix_length,
+    prefix_rows,
+)
 from tests.model.test_generate import images, load_random_adapters
 
 
@@ -47,6 +56,38 @@ def test_lru_is_bounded_in_bytes():
     cache.put("huge", entry(40))  # larger than the whole cache: not kept, nothing evicted for it
     assert cache.get("huge") is None and len(cache) == 3
     assert (cache.hits, cache.misses) == (3, 2)
+
+
+def random_entry(n_positions: int, seed: int) -> PrefixEntry:
+    return PrefixEntry(torch.randn(2, 2, 4, n_positions, 8, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_prefixes_appended_to_a_cache_equal_the_stacked_prefixes():
+    """What a join pass writes for its newcomers: each prefix right-aligned to the cache's length,
+    zeros on its left padding, below the rows already there, which stay as they were."""
+    cache = Cache(layers=[ReservedLayer(reserve=4), ReservedLayer(reserve=4)])
+    running = torch.randn(2, 2, 3, 4, 9, 8)  # layers x (k, v) x 3 rows x 4 heads x 9 positions x 8
+    for index, layer in enumerate(cache.layers):
+        layer.update(running[index, 0], running[index, 1])
+    first = random_entry(9, 1)
+    assert torch.equal(append_prefixes(cache, [first], room=5), torch.ones(1, 9, dtype=torch.long))
+    buffers = []
+    for layer in cache.layers:  # spare rows now; fill them with what a reused buffer may hold
+        for buffer in layer._buffers.values():
+            buffer[4:].fill_(float("nan"))
+            buffers.append(buffer.data_ptr())
+    entries = [random_entry(9, 2), random_entry(4, 3), random_entry(7, 4)]
+    mask = append_prefixes(cache, entries, room=5)
+    want, want_mask = prefix_rows([first, *entries], 9)
+    assert torch.equal(mask, want_mask[1:])
+    for index, layer in enumerate(cache.layers):
+        assert torch.equal(layer.keys, torch.cat([running[index, 0], want[index, 0]]))
+        assert torch.equal(layer.values, torch.cat([running[index, 1], want[index, 1]]))
+        assert layer._buffers["keys"].shape[2] - layer.get_seq_length() >= 5  # the room asked for
+    # written in place, into the spare rows: one copy of each prefix
+    assert [b.data_ptr() for layer in cache.layers for b in layer._buffers.values()] == buffers
+    with pytest.raises(ValueError, match="does not fit"):
+        append_prefixes(cache, [random_entry(10, 5)], room=1)
 
 
 def requests(scopes: bool = True) -> list[GenerationRequest]:
