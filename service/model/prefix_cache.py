@@ -119,11 +119,11 @@ def append_prefixes(cache: Cache, entries: list[PrefixEntry], room: int) -> torc
     pads = [length - entry.length for entry in entries]
     if min(pads) < 0:
         raise ValueError(f"a prefix of {length - min(pads)} positions does not fit a cache of {length}")
-    targets, sources = [], []
+    widest, targets, sources = max(pads), [], []
     for index, layer in enumerate(cache.layers):
         for part, rows in enumerate(layer.add_rows(len(entries), room)):
-            if max(pads):
-                rows[:, :, : max(pads)].zero_()  # (each row's own prefix overwrites what is not its padding)
+            if widest:
+                rows[:, :, :widest].zero_()  # (each row's own prefix overwrites what is not its padding)
             for row, (entry, pad) in enumerate(zip(entries, pads, strict=True)):
                 targets.append(rows[row, :, pad:])
                 sources.append(entry.kv[index, part])

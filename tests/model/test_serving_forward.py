@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 
+import service.model.generate as generation
 from service.model.attention import last_query_rows, leading_last_only_rows
 from service.model.base import load_base
-from service.model.generate import left_padded_positions
+from service.model.generate import GenerationRequest, generate, left_padded_positions
 from service.model.kv_cache import ReservedCache
 from service.model.lora import adapter_batch
 from service.model.packing import packed_tokens, packing_for
 from service.model.serving_forward import ServingForward, causal_padding_mask, serving_forward, unsupported_reason
-from tests.model.test_generate import load_random_adapters
+from tests.helpers import bias_eos
+from tests.model.test_generate import images, load_random_adapters
 from tests.model.test_packing import ALL_LINEARS
 
 
@@ -179,11 +181,6 @@ def test_it_stands_in_only_where_it_computes_what_transformers_does(tiny_base):
 def test_generation_answers_the_same_through_either_forward(tiny_base, monkeypatch):
     """Batched generation with mixed adapters, through the serving forward and through transformers'
     (what a base it does not apply to runs): the same tokens."""
-    import service.model.generate as generation
-    from service.model.generate import GenerationRequest, generate
-    from tests.helpers import bias_eos
-    from tests.model.test_generate import images
-
     bias_eos(tiny_base, -1e4)  # every row runs to its max_new_tokens
     load_random_adapters(tiny_base)
     ims = images()
