@@ -84,6 +84,14 @@ def read_prefix(cache: Cache, row: int, start: int, length: int) -> PrefixEntry:
                                     for layer in cache.layers]))
 
 
+def right_aligned_mask(pads: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """``mask [len(pads), width]``: 0 on each row's ``pad`` leading columns, 1 after them."""
+    mask = torch.zeros(len(pads), width, dtype=torch.long, device=device)
+    for row, pad in enumerate(pads):
+        mask[row, pad:] = 1
+    return mask
+
+
 def prefix_rows(entries: list[PrefixEntry], width: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``entries`` side by side, right-aligned to ``width`` positions (at least the longest).
 
@@ -93,14 +101,12 @@ def prefix_rows(entries: list[PrefixEntry], width: int, room: int = 0) -> tuple[
     """
     layers, _, heads, _, dim = entries[0].kv.shape
     buffer = entries[0].kv.new_empty(layers, 2, len(entries), heads, width + room, dim)
-    mask = torch.zeros(len(entries), width, dtype=torch.long, device=buffer.device)
-    for i, entry in enumerate(entries):
-        pad = width - entry.length
+    pads = [width - entry.length for entry in entries]
+    for i, (entry, pad) in enumerate(zip(entries, pads, strict=True)):
         if pad:
             buffer[:, :, i, :, :pad].zero_()
         buffer[:, :, i, :, pad:width] = entry.kv
-        mask[i, pad:] = 1
-    return buffer, mask
+    return buffer, right_aligned_mask(pads, width, buffer.device)
 
 
 def append_prefixes(cache: Cache, entries: list[PrefixEntry], room: int) -> torch.Tensor:
@@ -128,10 +134,7 @@ def append_prefixes(cache: Cache, entries: list[PrefixEntry], room: int) -> torc
                 targets.append(rows[row, :, pad:])
                 sources.append(entry.kv[index, part])
     torch._foreach_copy_(targets, sources)
-    mask = torch.zeros(len(entries), length, dtype=torch.long, device=entries[0].kv.device)
-    for row, pad in enumerate(pads):
-        mask[row, pad:] = 1
-    return mask
+    return right_aligned_mask(pads, length, entries[0].kv.device)
 
 
 def cache_of_prefixes(config: PreTrainedConfig, entries: list[PrefixEntry],

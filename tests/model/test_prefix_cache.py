@@ -80,6 +80,7 @@ def test_prefixes_appended_to_a_cache_equal_the_stacked_prefixes():
     mask = append_prefixes(cache, entries, room=5)
     want, want_mask = prefix_rows([first, *entries], 9)
     assert torch.equal(mask, want_mask[1:])
+    assert mask.sum(1).tolist() == [9, 4, 7] and mask[:, -1].all()  # each prefix's own length, right-aligned
     for index, layer in enumerate(cache.layers):
         assert torch.equal(layer.keys, torch.cat([running[index, 0], want[index, 0]]))
         assert torch.equal(layer.values, torch.cat([running[index, 1], want[index, 1]]))
