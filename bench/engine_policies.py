@@ -12,11 +12,15 @@ throughput and the mean rows a request shared a forward pass with.
 of its own, and with more teams than cores every parallel operator waits for its team to wake;
 four engines in one process served about 115 req/s each where one serves about 200.)
 
-A policy is ``LABEL=JOIN_RATIO,MAX_JOIN_STEPS`` (``Settings.join_ratio`` and
-``Settings.max_join_steps``); ``100,10000`` makes newcomers wait for the running batch to end,
-as the engine did before continuous batching.
+A policy is ``LABEL=JOIN_RATIO,MAX_JOIN_STEPS[,MAX_BATCH_SIZE]`` (``Settings.join_ratio``,
+``Settings.max_join_steps`` and ``Settings.max_batch_size``, 16 unless given); ``100,10000``
+makes newcomers wait for the running batch to end, as the engine did before continuous batching,
+and ``1,8,1`` serves one request at a time. ``--baseline LABEL`` adds each policy's throughput
+over that one's (medians): with a batch-size-1 baseline, what batching gains when HTTP costs
+nothing, the bound on what ``bench/serve_load.py`` can measure through the server.
 
     python bench/engine_policies.py --policy "default=1,8" --policy "at-once=0,0" --policy "one-batch=100,10000"
+    python bench/engine_policies.py --policy "batched=1,8" --policy "alone=1,8,1" --baseline alone --rounds 6
 """
 
 from __future__ import annotations
@@ -45,16 +49,24 @@ from service.engine.engine import Engine  # noqa: E402
 from service.engine.jobs import AnswerJob  # noqa: E402
 from service.model.threads import run_in_own_thread  # noqa: E402
 
+DEFAULT_MAX_BATCH = Settings.model_fields["max_batch_size"].default
+POLICY_FORMAT = "LABEL=JOIN_RATIO,MAX_JOIN_STEPS[,MAX_BATCH_SIZE]"
+
 
 def parse_policy(text: str) -> tuple[str, dict]:
     label, sep, values = text.partition("=")
     try:
-        ratio, steps = values.split(",")
-        policy = {"join_ratio": float(ratio), "max_join_steps": int(steps)}
+        ratio, steps, *rest = values.split(",")
+        if len(rest) > 1:
+            raise ValueError
+        policy = {"join_ratio": float(ratio), "max_join_steps": int(steps),
+                  "max_batch_size": int(rest[0]) if rest else DEFAULT_MAX_BATCH}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=JOIN_RATIO,MAX_JOIN_STEPS, e.g. 'default=1,8'") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {POLICY_FORMAT}, e.g. 'default=1,8' or 'alone=1,8,1'") from None
     if not sep or not label:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=JOIN_RATIO,MAX_JOIN_STEPS")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {POLICY_FORMAT}")
+    if policy["max_batch_size"] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: MAX_BATCH_SIZE must be at least 1")
     return label, policy
 
 
@@ -89,7 +101,9 @@ def closed_loop(engine: Engine, jobs: list[list[AnswerJob]]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", type=parse_policy, action="append", required=True,
-                        help="LABEL=JOIN_RATIO,MAX_JOIN_STEPS (repeat)")
+                        help=f"{POLICY_FORMAT} (repeat; MAX_BATCH_SIZE {DEFAULT_MAX_BATCH} unless given)")
+    parser.add_argument("--baseline", metavar="LABEL",
+                        help="also report each policy's throughput over this one's (e.g. a batch-size-1 policy)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=12)
@@ -102,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [label for label, _ in args.policy]
     if len(set(labels)) != len(labels):
         parser.error("policy labels must differ")
+    if args.baseline is not None and args.baseline not in labels:
+        parser.error(f"--baseline {args.baseline!r} is not one of the policies ({', '.join(labels)})")
     logging.basicConfig(level=logging.ERROR)
 
     runs: dict[str, list[dict]] = {label: [] for label in labels}
@@ -128,16 +144,23 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# engine policies: {args.model.name}, {args.clients} client threads x {args.requests_per_client} requests, "
           f"{args.adapters} adapters (rank {args.rank}) + base, max_new_tokens {args.max_new_tokens}, {args.dtype}, "
           f"{args.rounds} rounds, no HTTP, {platform.machine()} {os.cpu_count()} cores\n")
-    print("| policy | join ratio | max join steps | req/s (median) | rounds | rows shared per request (mean) |")
-    print("|---|---:|---:|---:|---|---:|")
     summary = {}
-    for label, policy in args.policy:
+    for label, _ in args.policy:
         rs = runs[label]
         summary[label] = {"rps": statistics.median(r["rps"] for r in rs),
                           "batch_size": statistics.mean(r["batch_size"] for r in rs)}
-        per_round = ", ".join(f"{r['rps']:.1f}" for r in rs)
-        print(f"| {label} | {policy['join_ratio']:g} | {policy['max_join_steps']} | {summary[label]['rps']:.2f} | "
-              f"{per_round} | {summary[label]['batch_size']:.1f} |")
+    if args.baseline is not None:
+        for s in summary.values():
+            s["speedup"] = s["rps"] / summary[args.baseline]["rps"]
+    extra = f" × {args.baseline} |" if args.baseline is not None else ""
+    print(f"| policy | join ratio | max join steps | max batch | req/s (median) | rounds | rows shared per request (mean) |{extra}")
+    print("|---|---:|---:|---:|---:|---|---:|" + ("---:|" if extra else ""))
+    for label, policy in args.policy:
+        s = summary[label]
+        per_round = ", ".join(f"{r['rps']:.1f}" for r in runs[label])
+        speedup = f" {s['speedup']:.2f} |" if extra else ""
+        print(f"| {label} | {policy['join_ratio']:g} | {policy['max_join_steps']} | {policy['max_batch_size']} | "
+              f"{s['rps']:.2f} | {per_round} | {s['batch_size']:.1f} |{speedup}")
     return summary
 
 
